@@ -1,0 +1,26 @@
+# make demo: set up, then run the CPU demo end to end.  make test: set up, then run every test.
+PYTHON ?= python3
+TORCH_VERSION ?= 2.13.0
+DEMO := output/demo
+
+.PHONY: setup demo test lint clean
+
+setup:
+	$(PYTHON) -m pip install -q "torch==$(TORCH_VERSION)"
+	$(PYTHON) -m pip install -q -r requirements-dev.txt
+
+demo: setup
+	$(PYTHON) -m component.demo_assets model $(DEMO)/base_model
+	$(PYTHON) train_sft.py --train_args_file config/demo/sft_lora.json
+	$(PYTHON) train_rm.py --train_args_file config/demo/rm_lora.json
+	$(PYTHON) generate.py compare --config config/demo/compare.json
+
+test: setup
+	$(PYTHON) -m pytest -q
+
+lint:
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
+
+clean:
+	rm -rf output .pytest_cache

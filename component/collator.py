@@ -1,0 +1,99 @@
+"""Batches: pad to the longest example, or pack examples padding-free into rows with restarting position_ids.
+
+Packed rows carry no attention_mask: transformers (and our Baichuan) read the position_ids restarts and
+keep attention inside each example. The first label of every example is set to -100 so that no example
+is ever predicted from the one before it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from component.template import IGNORE_INDEX
+
+
+@dataclass
+class PaddingCollator:
+    """Pads input_ids with pad_token_id and labels with -100; attention_mask marks real tokens."""
+
+    pad_token_id: int
+    padding_side: str = "right"
+    pad_to_multiple_of: int | None = None
+    sequence_keys: tuple[str, ...] = ("input_ids",)
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        longest = max(len(f["input_ids"]) for f in features)
+        if self.pad_to_multiple_of:
+            longest = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        batch = {
+            "input_ids": self._pad([f["input_ids"] for f in features], longest, self.pad_token_id),
+            "attention_mask": self._pad([[1] * len(f["input_ids"]) for f in features], longest, 0),
+        }
+        if "labels" in features[0]:
+            batch["labels"] = self._pad([f["labels"] for f in features], longest, IGNORE_INDEX)
+        return batch
+
+    def _pad(self, rows: list[list[int]], length: int, value: int) -> torch.Tensor:
+        out = torch.full((len(rows), length), value, dtype=torch.long)
+        for i, row in enumerate(rows):
+            if self.padding_side == "right":
+                out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+            else:
+                out[i, length - len(row) :] = torch.tensor(row, dtype=torch.long)
+        return out
+
+
+def pack_rows(lengths: list[int], row_tokens: int) -> list[list[int]]:
+    """First-fit-decreasing bin packing of example indices into rows of at most row_tokens tokens."""
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        size = min(lengths[index], row_tokens)
+        for row, space in enumerate(free):
+            if size <= space:
+                rows[row].append(index)
+                free[row] -= size
+                break
+        else:
+            rows.append([index])
+            free.append(row_tokens - size)
+    return [sorted(row) for row in rows]
+
+
+@dataclass
+class PackingCollator:
+    """Concatenates examples into rows of at most `row_tokens`, padding-free within a row.
+
+    Rows of one batch are padded to the longest row with a pad segment (its own position_ids from 0, labels
+    -100), which attends only to itself. `segment_lengths` lists each row's example lengths for callers
+    (the reward model) that need per-example positions.
+    """
+
+    pad_token_id: int
+    row_tokens: int
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        lengths = [len(f["input_ids"]) for f in features]
+        rows = pack_rows(lengths, self.row_tokens)
+        width = max(sum(lengths[i] for i in row) for row in rows)
+        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, row in enumerate(rows):
+            start = 0
+            for index in row:
+                ids = features[index]["input_ids"]
+                end = start + len(ids)
+                input_ids[r, start:end] = torch.tensor(ids, dtype=torch.long)
+                position_ids[r, start:end] = torch.arange(len(ids))
+                if "labels" in features[index]:
+                    labels[r, start:end] = torch.tensor(features[index]["labels"], dtype=torch.long)
+                    labels[r, start] = IGNORE_INDEX  # never predicted from the previous example
+                start = end
+            position_ids[r, start:] = torch.arange(width - start)
+        batch = {"input_ids": input_ids, "position_ids": position_ids}
+        if "labels" in features[0]:
+            batch["labels"] = labels
+        return batch
