@@ -26,7 +26,7 @@ from component.training import finish_training, make_collator, resolve_resume, s
 logger = logging.getLogger("train_sft")
 
 
-def main(argv: list[str]) -> None:
+def main(argv: list[str], callbacks: list | None = None) -> Trainer | None:
     args, training_args = load_arguments(argv)
     setup_logging(training_args)
 
@@ -47,7 +47,7 @@ def main(argv: list[str]) -> None:
             training_args.output_dir,
         )
     if args.dry_run:
-        return
+        return None
 
     model = load_model(args, training_args.gradient_checkpointing)
     trainer = Trainer(
@@ -57,9 +57,11 @@ def main(argv: list[str]) -> None:
         eval_dataset=data.eval,
         data_collator=make_collator(args, training_args, tokenizer, use_packing(args, training_args)),
         processing_class=tokenizer,
+        callbacks=callbacks,
     )
     result = trainer.train(resume_from_checkpoint=resolve_resume(training_args))
     finish_training(trainer, result)
+    return trainer
 
 
 if __name__ == "__main__":

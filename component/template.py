@@ -187,7 +187,7 @@ class ChatTemplate(Template):
 
     def turn_parts(self, conversation: Conversation) -> list[TurnParts]:
         messages = [{"role": "system", "content": conversation.system}] if conversation.system else []
-        done = self._render(messages, False) if messages else ""
+        done = ""  # the system message, if any, becomes part of the first prompt
         parts = []
         for turn in conversation.turns:
             messages.append({"role": "user", "content": turn.user})
