@@ -189,19 +189,28 @@ def label_token_count(dataset: Dataset, label_columns: tuple[str, ...] = ("label
     return total
 
 
-def build_report(train: Dataset, eval_dataset: Dataset | None, train_reports, eval_reports) -> dict[str, Any]:
+def build_report(
+    train: Dataset,
+    eval_dataset: Dataset | None,
+    train_reports,
+    eval_reports,
+    label_columns: tuple[str, ...] = ("labels",),
+) -> dict[str, Any]:
+    """Counts and token statistics; `label_columns=()` (reward pairs: no labels) leaves the label keys out."""
     lengths = np.asarray(train["length"], dtype=np.int64)
-    label_tokens = label_token_count(train)
-    return {
+    report = {
         "sources": [r.to_dict() for r in train_reports],
         "eval_sources": [r.to_dict() for r in eval_reports],
         "examples": len(train),
         "eval_examples": len(eval_dataset) if eval_dataset is not None else 0,
         "tokens": _length_stats(lengths),
         "total_tokens": int(lengths.sum()),
-        "label_tokens": label_tokens,
-        "label_token_fraction": round(label_tokens / max(int(lengths.sum()), 1), 4),
     }
+    if label_columns:
+        label_tokens = label_token_count(train, label_columns)
+        report["label_tokens"] = label_tokens
+        report["label_token_fraction"] = round(label_tokens / max(int(lengths.sum()), 1), 4)
+    return report
 
 
 def prepare_sft_data(args: FinetuneArguments, template: Template, training_args) -> PreparedData:
@@ -271,7 +280,13 @@ def build_splits(args: FinetuneArguments, seed: int, reader: Callable, tokenize:
     return train, eval_dataset, train_reports, eval_reports
 
 
-def prepare_cached(settings: dict, args: FinetuneArguments, training_args, build: Callable) -> PreparedData:
+def prepare_cached(
+    settings: dict,
+    args: FinetuneArguments,
+    training_args,
+    build: Callable,
+    label_columns: tuple[str, ...] = ("labels",),
+) -> PreparedData:
     cache_root = Path(args.data_cache_dir) if args.data_cache_dir else default_cache_dir()
     cache_path = cache_root / cache_key(settings)
     with training_args.main_process_first(desc="dataset tokenization"):
@@ -283,7 +298,7 @@ def prepare_cached(settings: dict, args: FinetuneArguments, training_args, build
             report = json.loads(done.read_text(encoding="utf-8"))
             return PreparedData(train, eval_dataset, report, cache_path, from_cache=True)
         train, eval_dataset, train_reports, eval_reports = build()
-        report = build_report(train, eval_dataset, train_reports, eval_reports)
+        report = build_report(train, eval_dataset, train_reports, eval_reports, label_columns)
         if training_args.process_index == 0 or not cache_path.exists():
             tmp = cache_path.with_name(cache_path.name + f".tmp{os.getpid()}")
             train.save_to_disk(str(tmp / "train"))
