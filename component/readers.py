@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import difflib
+import gc
 import gzip
 import itertools
 import json
@@ -703,15 +704,23 @@ def _convert_all(
     """Run `convert` on each record; every failure becomes a counted, logged skip."""
     out = []
     append = out.append
-    for n, rec in records:
-        try:
-            append(convert(rec))
-        except _Skip as s:
-            reader.skip(n, s.reason, s.detail)
-        except KeyError as e:
-            reader.skip(n, f"missing_field:{e.args[0]}")
-        except (TypeError, AttributeError, ValueError) as e:
-            reader.skip(n, "bad_structure", str(e))
+    # Millions of small acyclic objects make the cyclic GC rescan an ever larger heap (~30% of
+    # the read time for 1.1M records); nothing here creates cycles, so pause it for the loop.
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for n, rec in records:
+            try:
+                append(convert(rec))
+            except _Skip as s:
+                reader.skip(n, s.reason, s.detail)
+            except KeyError as e:
+                reader.skip(n, f"missing_field:{e.args[0]}")
+            except (TypeError, AttributeError, ValueError) as e:
+                reader.skip(n, "bad_structure", str(e))
+    finally:
+        if gc_was_enabled:
+            gc.enable()
     return out
 
 
@@ -730,8 +739,9 @@ def read_sft_file(
     skip_bad_records: count malformed JSON lines / CSV rows as skips instead of raising.
     keep_system_prompt: MOSS only: use meta_instruction as the system prompt (other formats'
         system prompts are per-record data and always kept).
-    safety_scenarios: safety_prompts only: scenario names to keep (None = all); others are
-        counted as `scenario_excluded`. An unknown name is a DataFormatError.
+    safety_scenarios: safety_prompts only (ignored for other formats): scenario names to keep
+        (None = all); the others are counted as `scenario_excluded`. An unknown name is a
+        DataFormatError naming the file and listing its scenarios.
     moss_tools: MOSS only: "skip" drops conversations that call a tool (`uses_tools`); "strip"
         keeps them with only the Human/MOSS text (citation markers removed).
     """
@@ -755,15 +765,15 @@ def read_sft_file(
             )
 
     def selected() -> Iterator[tuple[int, dict]]:
-        nonlocal fmt, checked
+        nonlocal fmt, checked, wanted
         for n, key, rec in reader.records():
             if not checked:
                 if fmt == "auto":
                     fmt = report.format = detect_sft_format(rec, path, json_lines=reader.container == "lines")
                 if wanted is not None and fmt != "safety_prompts":
-                    raise DataFormatError(
-                        f"{path}: safety_scenarios applies to safety_prompts files, not {fmt}"
-                    )
+                    # The option may be set once for a whole mix of files; it only selects Safety-Prompts.
+                    logger.info("%s: safety_scenarios ignored for format %s", path, fmt)
+                    wanted = None
                 if reader.object_keys is not None and wanted is not None:
                     check_scenarios(reader.object_keys)
                 checked = True
@@ -787,7 +797,7 @@ def read_sft_file(
         if report.read == 0:
             raise DataFormatError(f"{path}: no records; cannot detect the format")
         report.format = "unknown"
-    if wanted is not None:
+    if wanted is not None and fmt == "safety_prompts":
         check_scenarios(reader.object_keys if reader.object_keys is not None else seen_scenarios)
     report.kept = len(convs)
     reader.finish()
