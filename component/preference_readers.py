@@ -80,7 +80,7 @@ def detect_preference_format(record: dict, path: str) -> str:
     )
 
 
-# -- Anthropic-style transcripts ("\n\nHuman: ...\n\nAssistant: ...") ----------------------------
+# -- Anthropic-style transcripts ("\n\nHuman: ...\n\nAssistant: ...") ------------------------------
 
 _ASSISTANT = "\n\nAssistant:"
 _TRANSCRIPT_MARKER = re.compile(r"(?:^|\n\n)(Human|Assistant):[ ]?")
@@ -117,7 +117,7 @@ def _pair(
     return PreferencePair(prompt=prompt, chosen=chosen, rejected=rejected, history=history, system=system)
 
 
-# -- converters: raw record -> PreferencePair (or raise _Skip / KeyError) -------------------------
+# -- converters: raw record -> PreferencePair (or raise _Skip / KeyError) --------------------------
 
 
 def _pair_hh_rlhf(rec: dict) -> PreferencePair:

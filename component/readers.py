@@ -131,7 +131,7 @@ class _Reader:
         self.container = "lines"
         self.object_keys: list[str] | None = None  # scenario names of an object-of-lists file
 
-    # -- accounting --------------------------------------------------------------------------
+    # -- accounting --------------------------------------------------------------------------------
     def where(self, n: int) -> str:
         if self.container in ("lines", "csv"):
             return f"{self.path}:{n}"
@@ -144,13 +144,10 @@ class _Reader:
         count = skipped.get(reason, 0) + 1
         skipped[reason] = count
         if log and count <= _LOG_FIRST:
-            self.log.warning(
-                "%s: skipped record (%s)%s", self.where(n), reason, f": {detail}" if detail else ""
-            )
+            suffix = f": {detail}" if detail else ""
+            self.log.warning("%s: skipped record (%s)%s", self.where(n), reason, suffix)
             if count == _LOG_FIRST:
-                self.log.warning(
-                    "%s: further '%s' skips in this file are counted, not logged", self.path, reason
-                )
+                self.log.warning("%s: further '%s' skips are counted, not logged", self.path, reason)
 
     def bad_record(self, n: int, reason: str, message: str) -> None:
         """Unparseable data: an error in strict mode, a counted skip with skip_bad_records."""
@@ -166,7 +163,7 @@ class _Reader:
         if r.read and not r.kept:
             self.log.warning("%s: no records kept (format %s)", self.path, r.format)
 
-    # -- reading -----------------------------------------------------------------------------
+    # -- reading -----------------------------------------------------------------------------------
     def records(self) -> Iterator[tuple[int, str | None, dict]]:
         """Yields (line/item/row number, object-of-lists key or None, record dict)."""
         name = self.path.removesuffix(".gz")
@@ -264,9 +261,8 @@ class _Reader:
             self.report.read += 1
             yield 1, None, obj
         else:
-            raise DataFormatError(
-                f"{self.path}: top-level JSON is a {type(obj).__name__}, not an array or object"
-            )
+            kind = type(obj).__name__
+            raise DataFormatError(f"{self.path}: top-level JSON is a {kind}, not an array or object")
 
     def _object_items(self, obj: dict) -> Iterator[tuple[int, str, Any]]:
         self.container = "object"
@@ -297,9 +293,8 @@ class _Reader:
                         continue
                     self.report.read += 1
                     if len(row) != len(header):
-                        self.bad_record(
-                            start, "malformed_row", f"{len(row)} fields where the header has {len(header)}"
-                        )
+                        message = f"{len(row)} fields where the header has {len(header)}"
+                        self.bad_record(start, "malformed_row", message)
                         continue
                     yield start, None, dict(zip(header, row, strict=True))
             except csv.Error as e:
@@ -359,11 +354,15 @@ def iter_records(
         yield n, rec
 
 
-# -- format names and detection ------------------------------------------------------------------
+# -- format names and detection --------------------------------------------------------------------
 
 
 def _check_format(
-    fmt: str, choices: tuple[str, ...], kind: str, path: str, other: tuple[str, ...] = ()
+    fmt: str,
+    choices: tuple[str, ...],
+    kind: str,
+    path: str,
+    other: tuple[str, ...] = (),
 ) -> str:
     if fmt == "auto" or fmt in choices:
         return fmt
@@ -426,7 +425,7 @@ def detect_sft_format(record: dict, path: str, *, json_lines: bool | None = None
     )
 
 
-# -- shared field helpers (also used by preference_readers) --------------------------------------
+# -- shared field helpers (also used by preference_readers) ----------------------------------------
 
 
 def _text(rec: dict, key: str) -> str:
@@ -552,7 +551,9 @@ def _openai_messages(messages: Any, field_name: str) -> list[tuple[str, str]]:
 
 
 def _split_dialogue(
-    messages: list[tuple[str, str]], *, ends_with: str
+    messages: list[tuple[str, str]],
+    *,
+    ends_with: str,
 ) -> tuple[str | None, list[Turn], str | None]:
     """(system, complete user/assistant turns, trailing user message or None).
 
@@ -583,7 +584,7 @@ def _split_dialogue(
     return system, turns, last_user
 
 
-# -- SFT converters: raw record -> Conversation (or raise _Skip / KeyError) -----------------------
+# -- SFT converters: raw record -> Conversation (or raise _Skip / KeyError) ------------------------
 
 
 def _conv_alpaca(rec: dict) -> Conversation:
@@ -623,9 +624,8 @@ def _conv_sharegpt(rec: dict) -> Conversation:
     if _declares_tools(rec):
         # Replies in such conversations refer to a tool list the model would never see.
         raise _Skip("uses_tools", "declares tools")
-    system, turns, _ = _split_dialogue(
-        _sharegpt_messages(rec["conversations"], "conversations"), ends_with="assistant"
-    )
+    messages = _sharegpt_messages(rec["conversations"], "conversations")
+    system, turns, _ = _split_dialogue(messages, ends_with="assistant")
     _check_turns(turns)
     return Conversation(turns=turns, system=system or _optional_system(rec))
 
@@ -699,7 +699,9 @@ def _sft_converter(fmt: str, keep_system_prompt: bool, moss_tools: str) -> Calla
 
 
 def _convert_all(
-    reader: _Reader, records: Iterable[tuple[int, dict]], convert: Callable[[dict], Any]
+    reader: _Reader,
+    records: Iterable[tuple[int, dict]],
+    convert: Callable[[dict], Any],
 ) -> list:
     """Run `convert` on each record; every failure becomes a counted, logged skip."""
     out = []

@@ -76,7 +76,7 @@ def test_explicit_format_matches_detection(name, fmt, read, kept, skipped):
     assert read_preference_file(fixture(name), fmt)[0] == read_preference_file(fixture(name))[0]
 
 
-# -- hh-rlhf transcripts ------------------------------------------------------------------------------------
+# -- hh-rlhf transcripts ---------------------------------------------------------------------------
 
 
 def test_hh_rlhf_multi_turn_prompt_and_history():
@@ -101,7 +101,7 @@ def test_hh_rlhf_multi_turn_prompt_and_history():
     horseshoes = pairs[0]
     assert horseshoes.prompt == "Okay. What else is needed to play, and what are the rules?"
     assert [t.user for t in horseshoes.history] == [
-        "Hi, I want to learn to play horseshoes. Can you teach me?"
+        "Hi, I want to learn to play horseshoes. Can you teach me?",
     ]
     assert horseshoes.rejected.startswith("Horseshoes are either metal or plastic discs.")
 
@@ -158,7 +158,7 @@ def test_hh_rlhf_skip_reasons(tmp_path):
     }
 
 
-# -- prompt / chosen / rejected columns -----------------------------------------------------------------------
+# -- prompt / chosen / rejected columns ------------------------------------------------------------
 
 
 def test_rm_static_parquet_equals_jsonl_and_parses_the_prompt_transcript():
@@ -167,7 +167,7 @@ def test_rm_static_parquet_equals_jsonl_and_parses_the_prompt_transcript():
     assert from_parquet == from_jsonl
     coffee = from_jsonl[1]
     assert coffee.history == [
-        Turn("How can I make my coffee less bitter?", "What brewing method do you use?")
+        Turn("How can I make my coffee less bitter?", "What brewing method do you use?"),
     ]
     assert coffee.prompt == "A French press."
     assert coffee.chosen.startswith("Try a coarser grind")  # leading space stripped
@@ -222,7 +222,7 @@ def test_csv_is_read_with_commas(tmp_path):
     assert pairs == [PreferencePair("q, with comma", 'good "quoted"', "bad")]
 
 
-# -- comparison / medical / ShareGPT / OpenAI ------------------------------------------------------------------
+# -- comparison / medical / ShareGPT / OpenAI ------------------------------------------------------
 
 
 def test_comparison_both_layouts_give_the_same_pairs():
@@ -231,7 +231,11 @@ def test_comparison_both_layouts_give_the_same_pairs():
     assert with_output_list == with_columns[:50]
     assert with_columns[0] == PreferencePair(
         prompt="什么是三原色？",
-        chosen="三原色是红、蓝、黄。这些颜色被称为原色，因为它们不能通过混合其他颜色来创建，所有其他颜色都可以通过将它们按不同比例组合而成。在用于光的加色系统中，原色是红色、绿色和蓝色 (RGB)。",
+        chosen=(
+            "三原色是红、蓝、黄。这些颜色被称为原色，因为它们不能通过混合其他颜色来创建，"
+            "所有其他颜色都可以通过将它们按不同比例组合而成。"
+            "在用于光的加色系统中，原色是红色、绿色和蓝色 (RGB)。"
+        ),
         rejected="红色、黄色和绿色。",
     )
 
@@ -240,11 +244,9 @@ def test_comparison_equal_pair_is_skipped_with_its_item(caplog):
     with caplog.at_level(logging.WARNING, logger=LOGGER):
         _, report = read_preference_file(fixture("comparison_gpt4_data_zh.sample.json"))
     assert report.skipped == {"chosen_equals_rejected": 1}
-    assert any(
-        "comparison_gpt4_data_zh.sample.json item 92" in r.getMessage()
-        and "chosen_equals_rejected" in r.getMessage()
-        for r in caplog.records
-    )
+    messages = [r.getMessage() for r in caplog.records]
+    expected = "comparison_gpt4_data_zh.sample.json item 92: skipped record (chosen_equals_rejected)"
+    assert any(expected in m for m in messages)
 
 
 def test_comparison_input_and_bad_output(tmp_path):
@@ -329,23 +331,21 @@ def test_openai_preference_layouts(tmp_path):
     assert report.skipped == {"prefix_mismatch": 1, "empty_rejected": 1}
 
 
-# -- errors, detection, names ---------------------------------------------------------------------------------------
+# -- errors, detection, names ----------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("skip_bad_records", [False, True])
 def test_truncated_array_error_names_file_line_and_column(skip_bad_records):
     with pytest.raises(DataFormatError) as err:
-        read_preference_file(
-            fixture("edge_cases/comparison_truncated_array.json"), skip_bad_records=skip_bad_records
-        )
+        path = fixture("edge_cases/comparison_truncated_array.json")
+        read_preference_file(path, skip_bad_records=skip_bad_records)
     message = str(err.value)
     assert "comparison_truncated_array.json:17:19" in message and "line 17 column 19" in message
 
 
 def test_malformed_line(tmp_path):
-    path = write(
-        tmp_path, "p.jsonl", jsonl([{"prompt": "q", "chosen": "y", "rejected": "n"}]) + '{"prompt": \n'
-    )
+    text = jsonl([{"prompt": "q", "chosen": "y", "rejected": "n"}]) + '{"prompt": \n'
+    path = write(tmp_path, "p.jsonl", text)
     with pytest.raises(DataFormatError, match=r"p\.jsonl:2: malformed JSON"):
         read_preference_file(path)
     pairs, report = read_preference_file(path, skip_bad_records=True)

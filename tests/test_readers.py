@@ -120,7 +120,7 @@ def test_report_to_dict():
     json.dumps(report.to_dict())  # goes into data_report.json
 
 
-# -- field mapping per format -----------------------------------------------------------------------
+# -- field mapping per format ----------------------------------------------------------------------
 
 
 def test_belle_maps_instruction_and_output_exactly():
@@ -191,7 +191,7 @@ def test_moss_firefly_conversation_turns():
     assert {len(c.turns) for c in conversations} <= {4, 5, 6}
 
 
-# -- MOSS -------------------------------------------------------------------------------------------
+# -- MOSS ------------------------------------------------------------------------------------------
 
 MOSS_MARKERS = (
     "<|Human|>",
@@ -220,9 +220,8 @@ MOSS_FILES = (
 @pytest.mark.parametrize("keep_system_prompt", [False, True])
 def test_moss_markers_fully_stripped(name, keep_system_prompt):
     conversations, _ = read_sft_file(fixture(name), moss_tools="strip", keep_system_prompt=keep_system_prompt)
-    texts = [t.user for c in conversations for t in c.turns] + [
-        t.assistant for c in conversations for t in c.turns
-    ]
+    turns = [t for c in conversations for t in c.turns]
+    texts = [t.user for t in turns] + [t.assistant for t in turns]
     assert texts
     for text in texts:
         assert not any(marker in text for marker in MOSS_MARKERS), text[:200]
@@ -235,9 +234,7 @@ def test_moss_turns_in_order_with_marker_free_text():
     assert [len(c.turns) for c in conversations] == [r["num_turns"] for r in raw]
     first = conversations[0]
     assert first.turns[0].user == "如果一个女性想要发展信息技术行业，她应该做些什么？"
-    assert first.turns[0].assistant.startswith(
-        "如果一个女性想要发展信息技术行业，以下是一些建议：\n\n1. 学习编程"
-    )
+    assert first.turns[0].assistant.startswith("如果一个女性想要发展信息技术行业，以下是一些建议：\n\n1. ")
     assert first.turns[0].assistant.endswith("并为你提供机会与其他女性技术人员建立联系。")
     assert first.turns[1].user == "但是我认为女性在信息技术行业中的表现往往不如男性，你同意吗？"
 
@@ -247,14 +244,10 @@ def test_moss_tool_conversations_skipped_by_default(caplog):
         conversations, report = read_sft_file(fixture("moss-003-sft-with-tools.sample.jsonl"))
     assert conversations == []
     assert report.skipped == {"uses_tools": 15}
-    first = [
-        r.getMessage() for r in caplog.records if "moss-003-sft-with-tools.sample.jsonl:1:" in r.getMessage()
-    ]
-    assert (
-        first
-        and "uses_tools" in first[0]
-        and 'Search("How did Mark Zuckerberg create Facebook?")' in first[0]
-    )
+    messages = [r.getMessage() for r in caplog.records]
+    first = [m for m in messages if "moss-003-sft-with-tools.sample.jsonl:1:" in m]
+    assert first and "uses_tools" in first[0]
+    assert 'Search("How did Mark Zuckerberg create Facebook?")' in first[0]
 
 
 def test_moss_strip_keeps_only_human_and_moss_text():
@@ -290,9 +283,8 @@ def test_moss_int_and_str_conversation_ids_both_load():
 
 
 def test_moss_missing_category_loads():
-    conversations, report = read_sft_file(
-        fixture("edge_cases/moss_missing_category.jsonl"), moss_tools="strip"
-    )
+    path = fixture("edge_cases/moss_missing_category.jsonl")
+    conversations, report = read_sft_file(path, moss_tools="strip")
     assert report.kept == 1 and report.skipped == {}
     assert conversations[0].turns[0].assistant == "好的，这是为您生成的图片。"
 
@@ -308,9 +300,8 @@ def test_moss_turns_sorted_numerically(tmp_path):
         }
 
     chat = {f"turn_{i}": turn(f"q{i}", f"a{i}") for i in (10, 2, 1, 3, 4, 5, 6, 7, 8, 9)}
-    path = write(
-        tmp_path, "moss.jsonl", jsonl([{"conversation_id": 1, "meta_instruction": "m", "chat": chat}])
-    )
+    record = {"conversation_id": 1, "meta_instruction": "m", "chat": chat}
+    path = write(tmp_path, "moss.jsonl", jsonl([record]))
     conversations, _ = read_sft_file(path)
     assert [t.user for t in conversations[0].turns] == [f"q{i}" for i in range(1, 11)]
 
@@ -320,19 +311,17 @@ def test_moss_tools_option_validated():
         read_sft_file(fixture("moss-003-sft-no-tools.sample.jsonl"), moss_tools="keep")
 
 
-# -- ShareGPT / OpenAI ------------------------------------------------------------------------------
+# -- ShareGPT / OpenAI -----------------------------------------------------------------------------
 
 
 def test_sharegpt_skips_tool_conversations_by_default():
     conversations, report = read_sft_file(fixture("glaive_toolcall_zh_demo.sample.json"))
     raw = raw_json("glaive_toolcall_zh_demo.sample.json")
-    plain = [
-        r for r in raw if r["tools"] == "[]" and {m["from"] for m in r["conversations"]} == {"human", "gpt"}
-    ]
+    plain = [r for r in raw if r["tools"] == "[]" and "function_call" not in str(r["conversations"])]
     assert len(plain) == 9
     assert [c.turns for c in conversations] == [
-        [Turn(a["value"], b["value"]) for a, b in zip(r["conversations"][::2], r["conversations"][1::2])]
-        for r in plain
+        [Turn(q["value"], a["value"]) for q, a in zip(messages[::2], messages[1::2])]
+        for messages in (r["conversations"] for r in plain)
     ]
     assert report.skipped == {"uses_tools": 21}
 
@@ -390,7 +379,7 @@ def test_openai_messages(tmp_path):
     assert report.skipped == {"uses_tools": 2, "missing_field:content": 1}
 
 
-# -- Safety-Prompts -----------------------------------------------------------------------------------
+# -- Safety-Prompts --------------------------------------------------------------------------------
 
 
 def test_safety_prompts_keep_raw_response_with_leading_newlines():
@@ -421,9 +410,8 @@ def test_safety_scenarios_selection():
     name = "safety_prompts.typical_safety_scenarios.quoted.json"
     conversations, report = read_sft_file(fixture(name), safety_scenarios=["Insult", "Mental_Health"])
     raw = raw_json(name)
-    assert [c.turns[0].user for c in conversations] == [
-        r["prompt"] for r in raw["Insult"] + raw["Mental_Health"]
-    ]
+    selected = raw["Insult"] + raw["Mental_Health"]
+    assert [c.turns[0].user for c in conversations] == [r["prompt"] for r in selected]
     assert (report.read, report.kept, report.skipped) == (9, 3, {"scenario_excluded": 6})
 
 
@@ -437,9 +425,8 @@ def test_unknown_safety_scenario_names_file_and_lists_scenarios():
 
 
 def test_safety_scenarios_ignored_for_other_formats():
-    conversations, report = read_sft_file(
-        fixture("firefly-train-1.1M.handmade.jsonl"), safety_scenarios=["Insult"]
-    )
+    path = fixture("firefly-train-1.1M.handmade.jsonl")
+    conversations, report = read_sft_file(path, safety_scenarios=["Insult"])
     assert report.kept == 24
 
 
@@ -462,7 +449,7 @@ def test_safety_compact_single_line_object_of_lists(tmp_path):
     assert report.format == "safety_prompts" and report.kept == 2 and report.read == 9
 
 
-# -- edge cases of the fixtures README ------------------------------------------------------------------
+# -- edge cases of the fixtures README -------------------------------------------------------------
 
 
 def test_bom_crlf_blank_lines_equal_first_three_belle_records():
@@ -486,9 +473,8 @@ def test_malformed_line_is_an_error_naming_file_and_line():
 
 def test_malformed_line_skipped_and_counted(caplog):
     with caplog.at_level(logging.WARNING, logger=LOGGER):
-        conversations, report = read_sft_file(
-            fixture("edge_cases/belle_malformed_line4.json"), skip_bad_records=True
-        )
+        path = fixture("edge_cases/belle_malformed_line4.json")
+        conversations, report = read_sft_file(path, skip_bad_records=True)
     assert len(conversations) == 4
     assert report.skipped == {"malformed_json": 1}
     assert any("belle_malformed_line4.json:4:" in r.getMessage() for r in caplog.records)
@@ -500,10 +486,8 @@ def test_missing_output_skipped_with_file_line_and_field(caplog):
     assert len(conversations) == 2 and all(c.turns[0].assistant for c in conversations)
     assert report.skipped == {"missing_field:output": 1}
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING and r.name == LOGGER]
-    assert any(
-        "belle_missing_output_line2.json:2:" in r.getMessage() and "output" in r.getMessage()
-        for r in warnings
-    )
+    messages = [r.getMessage() for r in warnings]
+    assert any("belle_missing_output_line2.json:2:" in m and "output" in m for m in messages)
 
 
 def test_firefly_empty_targets_skipped_with_warnings(caplog):
@@ -517,17 +501,15 @@ def test_firefly_empty_targets_skipped_with_warnings(caplog):
     messages = [r.getMessage() for r in caplog.records if r.name == LOGGER]
     for line in (2, 3):
         assert any(f"firefly_empty_target.jsonl:{line}:" in m and "empty_reply" in m for m in messages)
-    assert not any(
-        "firefly_empty_target.jsonl:1:" in m or "firefly_empty_target.jsonl:4:" in m for m in messages
-    )
+    for line in (1, 4):
+        assert not any(f"firefly_empty_target.jsonl:{line}:" in m for m in messages)
 
 
 @pytest.mark.parametrize("skip_bad_records", [False, True])
 def test_truncated_json_array_is_an_error_naming_position(skip_bad_records):
     with pytest.raises(DataFormatError) as err:
-        read_sft_file(
-            fixture("edge_cases/comparison_truncated_array.json"), skip_bad_records=skip_bad_records
-        )
+        path = fixture("edge_cases/comparison_truncated_array.json")
+        read_sft_file(path, skip_bad_records=skip_bad_records)
     message = str(err.value)
     assert "comparison_truncated_array.json" in message
     assert "line 17 column 19" in message
@@ -539,7 +521,7 @@ def test_preference_file_is_not_read_as_sft():
     assert "hh_rlhf_missing_rejected_line2.jsonl" in str(err.value)
 
 
-# -- warnings: throttled per reason per file, always counted --------------------------------------------
+# -- warnings: throttled per reason per file, always counted ---------------------------------------
 
 
 def test_warnings_throttled_but_all_counted(tmp_path, caplog):
@@ -555,7 +537,7 @@ def test_warnings_throttled_but_all_counted(tmp_path, caplog):
     assert any("empty_reply=12" in m for m in messages)  # the final count
 
 
-# -- format detection and names --------------------------------------------------------------------------
+# -- format detection and names --------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -604,7 +586,7 @@ def test_explicit_format_overrides_detection():
     assert report.kept == 0 and report.skipped == {"missing_field:target": 300}
 
 
-# -- containers --------------------------------------------------------------------------------------------
+# -- containers ------------------------------------------------------------------------------------
 
 
 def test_containers_all_read_the_same(tmp_path):
@@ -666,9 +648,8 @@ def test_iter_records_object_of_lists_and_counts():
     assert [r["type"] for _, r in items[:3]] == ["Insult", "Insult", "Unfairness_And_Discrimination"]
     assert report.read == 9
     report = SourceReport(path="x", format="raw")
-    items = list(
-        iter_records(fixture("edge_cases/belle_malformed_line4.json"), skip_bad_records=True, report=report)
-    )
+    path = fixture("edge_cases/belle_malformed_line4.json")
+    items = list(iter_records(path, skip_bad_records=True, report=report))
     assert [n for n, _ in items] == [1, 2, 3, 5]
     assert (report.read, report.skipped) == (5, {"malformed_json": 1})
 
