@@ -358,12 +358,14 @@ def iter_records(
 
 
 def _check_format(
-    fmt: str,
+    fmt: str | None,
     choices: tuple[str, ...],
     kind: str,
     path: str,
     other: tuple[str, ...] = (),
 ) -> str:
+    if fmt is None:  # an unset per-file option
+        return "auto"
     if fmt == "auto" or fmt in choices:
         return fmt
     msg = f"{path}: unknown {kind} format {fmt!r}; valid formats: auto, {', '.join(choices)}"
