@@ -56,9 +56,8 @@ def register_baichuan() -> None:
     AutoConfig.register(MODEL_TYPE, BaichuanConfig, exist_ok=True)
     AutoModel.register(BaichuanConfig, BaichuanModel, exist_ok=True)
     AutoModelForCausalLM.register(BaichuanConfig, BaichuanForCausalLM, exist_ok=True)
-    AutoModelForSequenceClassification.register(
-        BaichuanConfig, BaichuanForSequenceClassification, exist_ok=True
-    )
+    classifier = BaichuanForSequenceClassification
+    AutoModelForSequenceClassification.register(BaichuanConfig, classifier, exist_ok=True)
     AutoTokenizer.register(BaichuanConfig, tokenizer_class=BaichuanTokenizer, exist_ok=True)
 
 
@@ -77,7 +76,7 @@ def _read_config_dict(path_or_config: Any) -> dict[str, Any] | None:
 
 
 def is_baichuan_config(path_or_config: Any) -> bool:
-    """True for a Baichuan model folder, config.json path, config dict or config object (model_type "baichuan")."""
+    """True for a Baichuan folder, config.json path, config dict or config object (model_type "baichuan")."""
     config = _read_config_dict(path_or_config)
     return config is not None and config.get("model_type") == MODEL_TYPE
 

@@ -52,8 +52,9 @@ class BaichuanConfig(PreTrainedConfig):
     r"""
     Configuration for Baichuan-7B, Baichuan-13B, Baichuan2-7B and Baichuan2-13B (base and chat).
 
-    Defaults describe Baichuan-13B. Loading a hub `config.json` (model_type "baichuan") gives the right variant
-    without remote code; `auto_map` and other unknown keys are kept as attributes and written back on save.
+    Defaults describe Baichuan-13B. Loading a hub `config.json` (model_type "baichuan") gives the right
+    variant without remote code; `auto_map` and other unknown keys are kept as attributes and written back
+    on save.
 
     Args:
         vocab_size: vocabulary size (64000 for Baichuan, 125696 for Baichuan2).

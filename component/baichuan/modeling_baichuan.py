@@ -48,9 +48,9 @@ except ImportError:  # pragma: no cover - only for transformers versions without
 logger = logging.get_logger(__name__)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 # Positional helpers
-# ----------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 
 
 def alibi_slopes(num_heads: int) -> list[float]:
@@ -102,18 +102,17 @@ class BaichuanRotaryEmbedding(nn.Module):
         self.base = float(base)
 
     def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        exponent = (
-            torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=position_ids.device) / self.head_dim
-        )
+        device = position_ids.device
+        exponent = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device) / self.head_dim
         inv_freq = 1.0 / (self.base**exponent)
         freqs = position_ids.to(torch.float32)[..., None] * inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos(), emb.sin()
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 # Layers
-# ----------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 
 
 class BaichuanRMSNorm(nn.Module):
@@ -265,9 +264,9 @@ class BaichuanNormHead(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, normalised rows"
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 # Models
-# ----------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 
 
 def _output(cls: type, **values: Any) -> Any:
@@ -309,7 +308,7 @@ class BaichuanPreTrainedModel(PreTrainedModel):
 
 
 class BaichuanModel(BaichuanPreTrainedModel):
-    """The decoder stack without a head; `BaichuanForCausalLM.model` and `BaichuanForSequenceClassification.model`."""
+    """The decoder stack without a head (the `.model` of the causal LM and the classifier)."""
 
     def __init__(self, config: BaichuanConfig) -> None:
         super().__init__(config)
@@ -320,9 +319,9 @@ class BaichuanModel(BaichuanPreTrainedModel):
             [BaichuanDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
         )
         self.norm = BaichuanRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.rotary_emb = (
-            None if config.use_alibi else BaichuanRotaryEmbedding(config.head_dim, base=config.rope_theta)
-        )
+        self.rotary_emb = None
+        if not config.use_alibi:
+            self.rotary_emb = BaichuanRotaryEmbedding(config.head_dim, base=config.rope_theta)
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -342,12 +341,12 @@ class BaichuanModel(BaichuanPreTrainedModel):
         dtype: torch.dtype,
         device: torch.device,
     ) -> torch.Tensor | None:
-        """Additive attention bias [batch or 1, heads or 1, q_len, kv_len], or None for plain causal attention.
+        """Additive attention bias [batch or 1, heads or 1, q_len, kv_len], or None for plain causal.
 
         Combines causality, key padding (2D mask), segment isolation for packed rows (attention_mask None and
-        restarting position_ids) and, for ALiBi, slope_h * (key_index - query_index). Absolute indices give the
-        right ALiBi distances in every case: masked keys never count, left padding shifts both indices, and a
-        packed segment only attends inside itself.
+        restarting position_ids) and, for ALiBi, slope_h * (key_index - query_index). Absolute indices give
+        the right ALiBi distances in every case: masked keys never count, left padding shifts both indices,
+        and a packed segment only attends inside itself.
         """
         use_alibi = self.config.use_alibi
         mask_4d = attention_mask if attention_mask is not None and attention_mask.dim() == 4 else None
@@ -360,13 +359,9 @@ class BaichuanModel(BaichuanPreTrainedModel):
             segments = find_packed_sequence_indices(position_ids.expand(batch_size, -1))
 
         kv_len = mask_4d.shape[-1] if mask_4d is not None else past_len + q_len
-        if (
-            not use_alibi
-            and mask_4d is None
-            and mask_2d is None
-            and segments is None
-            and (past_len == 0 or q_len == 1)
-        ):
+        unmasked = mask_4d is None and mask_2d is None and segments is None
+        plain_causal = unmasked and (past_len == 0 or q_len == 1)
+        if plain_causal and not use_alibi:
             return None
 
         min_value = torch.finfo(dtype).min
@@ -383,9 +378,8 @@ class BaichuanModel(BaichuanPreTrainedModel):
                 allowed = allowed & (segments[:, None, :, None] == segments[:, None, None, :])
 
         if use_alibi:
-            slopes = torch.tensor(
-                alibi_slopes(self.config.num_attention_heads), dtype=torch.float32, device=device
-            )
+            slopes = alibi_slopes(self.config.num_attention_heads)
+            slopes = torch.tensor(slopes, dtype=torch.float32, device=device)
             distance = (k_idx[None, :] - q_idx[:, None]).to(torch.float32)
             bias = (slopes[:, None, None] * distance[None]).to(dtype)[None]
         else:
@@ -430,9 +424,7 @@ class BaichuanModel(BaichuanPreTrainedModel):
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled() and use_cache:
-            logger.warning_once(
-                "use_cache=True is incompatible with gradient checkpointing; disabling the cache."
-            )
+            logger.warning_once("use_cache=True does not work with gradient checkpointing; cache disabled.")
             use_cache = False
 
         if inputs_embeds is None:
@@ -665,9 +657,7 @@ class BaichuanForSequenceClassification(BaichuanPreTrainedModel):
             raise ValueError("Cannot pool batches larger than 1 without a pad_token_id.")
         if pad_token_id is None or input_ids is None:
             if input_ids is None and pad_token_id is not None:
-                logger.warning_once(
-                    "Pooling the last position: padding cannot be detected from inputs_embeds."
-                )
+                logger.warning_once("Pooling the last position: inputs_embeds do not show padding.")
             last_token = torch.full((batch_size,), logits.shape[1] - 1, device=logits.device)
         else:
             non_pad = (input_ids != pad_token_id).to(logits.device, torch.int32)
@@ -677,9 +667,7 @@ class BaichuanForSequenceClassification(BaichuanPreTrainedModel):
 
         loss = None
         if labels is not None:
-            loss = self.loss_function(
-                labels=labels, pooled_logits=pooled_logits, config=self.config, **kwargs
-            )
+            loss = self.loss_function(labels=labels, pooled_logits=pooled_logits, config=self.config)
 
         output = _output(
             SequenceClassifierOutputWithPast,

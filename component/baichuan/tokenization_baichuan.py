@@ -4,8 +4,8 @@ The hub ships `tokenizer.model` (SentencePiece BPE with byte fallback, identity 
 and a `BaichuanTokenizer` class that breaks on transformers >= 4.34. This class reimplements it on
 transformers 5's SentencePiece backend and gives the same ids, tokens and decodes:
 
-- `add_bos_token` / `add_eos_token` as in the hub `tokenizer_config.json` (both false there; the class defaults,
-  used only without a config, are bos on / eos off like the original class);
+- `add_bos_token` / `add_eos_token` as in the hub `tokenizer_config.json` (both false there; the class
+  defaults, used only without a config, are bos on / eos off like the original class);
 - special tokens written in the text (`<s>`, `</s>`, `<unk>`) map to their ids, with no whitespace stripping,
   and the `single_word` flag of the hub AddedTokens is ignored as the original (transformers 4.33) did;
 - decoding keeps the original's quirk of a space before a special token that follows normal text.
@@ -103,11 +103,8 @@ class BaichuanTokenizer(SentencePieceBackend):
         decode() therefore reproduces). Added tokens outside the SentencePiece vocabulary are kept verbatim.
         """
         special_tokens = set(self.all_special_tokens)
-        added_tokens = {
-            token
-            for token, index in self._added_tokens_encoder.items()
-            if index >= self.sp_model.get_piece_size()
-        }
+        base_size = self.sp_model.piece_size()
+        added_tokens = {token for token, index in self._added_tokens_encoder.items() if index >= base_size}
         current_sub_tokens: list[str] = []
         out_string = ""
         prev_is_special = False
@@ -165,18 +162,15 @@ class BaichuanTokenizer(SentencePieceBackend):
             output += [1] * len(bos + token_ids_1 + eos)
         return output
 
-    def save_pretrained(
-        self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any
-    ) -> tuple[str, ...]:
+    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> tuple:
         """Save as usual, then restore `add_bos_token`/`add_eos_token`, which transformers 5 drops.
 
         Without them the hub class (and this one) would fall back to add_bos_token=True on reload.
         """
         files = super().save_pretrained(save_directory, *args, **kwargs)
         prefix = kwargs.get("filename_prefix")
-        config_file = os.path.join(
-            str(save_directory), (prefix + "-" if prefix else "") + "tokenizer_config.json"
-        )
+        name = (prefix + "-" if prefix else "") + "tokenizer_config.json"
+        config_file = os.path.join(str(save_directory), name)
         if os.path.isfile(config_file):
             with open(config_file, encoding="utf-8") as handle:
                 config = json.load(handle)
