@@ -13,6 +13,7 @@ import dataclasses
 import gc
 import json
 import logging
+import math
 import time
 import types
 import typing
@@ -207,8 +208,13 @@ class GenerationOptions(ModelOptions):
         names = [presets] if isinstance(presets, str) else list(presets)
         if not names:
             raise ConfigError("'preset' is an empty list; name at least one of " + ", ".join(PRESETS))
+        if len(set(names)) < len(names):
+            raise ConfigError(f"'preset' names a preset twice: {names}")
         overrides = {**from_file, **self.generation_overrides()}
-        return [resolve_settings(name, overrides) for name in names]
+        sampled = [n for n in names if overrides.get("do_sample", PRESETS.get(n, {}).get("do_sample"))]
+        searched_overrides = {k: v for k, v in overrides.items() if k not in SAMPLING_KEYS}
+        # In a mixed list (e.g. greedy,top_p) a sampling knob tunes the sampling presets only.
+        return [resolve_settings(n, overrides if n in sampled or not sampled else searched_overrides) for n in names]
 
 
 @dataclass
@@ -531,10 +537,19 @@ class ChatSession:
         self.dropped_turns = 0
 
     def build_prompt(self, query: str) -> list[int]:
-        """The prompt for `query` with as much recent history as fits; drops older turns for good."""
+        """The prompt for `query` with as much recent history as fits; drops older turns for good.
+
+        Room for max_new_tokens is kept, but at most half the context: with max_new_tokens near the context
+        size no history would ever survive, and the answer gets shortened to fit anyway.
+        """
+        reserve = (
+            self.settings.max_new_tokens
+            if self.context is None
+            else min(self.settings.max_new_tokens, self.context // 2)
+        )
         while True:
             prompt = self.template.encode_prompt(self.history, query, self.system)
-            fits = self.context is None or len(prompt) + self.settings.max_new_tokens <= self.context
+            fits = self.context is None or len(prompt) + reserve <= self.context
             if fits or not self.history:
                 return prompt
             self.history.pop(0)
@@ -696,7 +711,7 @@ def load_reward_scorer(
 def add_reward_scores(rows: list[dict[str, Any]], questions: list[Question], scorer: RewardScorer) -> None:
     conversations = [questions[row["index"]].conversation(row["answer"]) for row in rows]
     for row, score in zip(rows, scorer(conversations)):
-        row["reward"] = score
+        row["reward"] = None if math.isnan(score) else score  # NaN: the reward model could not fit the answer
 
 
 def summarize(rows: list[dict[str, Any]], settings_list: list[GenerationSettings]) -> dict[str, Any]:
@@ -712,18 +727,24 @@ def summarize(rows: list[dict[str, Any]], settings_list: list[GenerationSettings
             stats: dict[str, Any] = {"answers": len(model_rows)}
             if "exact_match" in model_rows[0]:
                 stats["exact_match"] = sum(r["exact_match"] for r in model_rows) / len(model_rows)
+            scored = [r["reward"] for r in model_rows if r.get("reward") is not None]
             if "reward" in model_rows[0]:
-                stats["mean_reward"] = sum(r["reward"] for r in model_rows) / len(model_rows)
+                stats["mean_reward"] = sum(scored) / len(scored) if scored else None
             entry["models"][label] = stats
         if "sft" in by_model and "reward" in by_model["sft"][0]:
-            pairs = list(zip(by_model["base"], by_model["sft"]))
-            wins = sum(sft["reward"] > base["reward"] for base, sft in pairs)
-            ties = sum(sft["reward"] == base["reward"] for base, sft in pairs)
+            pairs = [
+                (base["reward"], sft["reward"])
+                for base, sft in zip(by_model["base"], by_model["sft"])
+                if base["reward"] is not None and sft["reward"] is not None
+            ]
+            wins = sum(sft > base for base, sft in pairs)
+            ties = sum(sft == base for base, sft in pairs)
             entry["sft_vs_base"] = {
                 "wins": wins,
                 "ties": ties,
                 "losses": len(pairs) - wins - ties,
-                "win_rate": (wins + 0.5 * ties) / len(pairs),  # a tie counts half
+                "unscored": len(by_model["sft"]) - len(pairs),
+                "win_rate": (wins + 0.5 * ties) / len(pairs) if pairs else None,  # a tie counts half
             }
         summary[settings.preset] = entry
     return summary

@@ -58,8 +58,12 @@ def write_reports(result: CompareResult, output_dir: str | Path) -> dict[str, Pa
 # --- shared wording ------------------------------------------------------------------------------------------------
 
 
-def _percent(value: float) -> str:
-    return f"{100 * value:.1f}%"
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+def _number(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def _stats_rows(result: CompareResult, preset: str) -> tuple[list[str], list[list[str]]]:
@@ -72,7 +76,7 @@ def _stats_rows(result: CompareResult, preset: str) -> tuple[list[str], list[lis
     for label, stats in models.items():
         cells = [MODEL_TITLES.get(label, label), str(stats["answers"])]
         cells += [_percent(stats["exact_match"])] if "exact_match" in stats else []
-        cells += [f"{stats['mean_reward']:.3f}"] if "mean_reward" in stats else []
+        cells += [_number(stats["mean_reward"])] if "mean_reward" in stats else []
         rows.append(cells)
     return header, rows
 
@@ -81,8 +85,9 @@ def _win_line(result: CompareResult, preset: str) -> str | None:
     duel = result.summary[preset].get("sft_vs_base")
     if not duel:
         return None
+    unscored = f", {duel['unscored']} not scored (too long for the reward model)" if duel["unscored"] else ""
     return (
-        f"SFT vs base by reward: {duel['wins']} wins, {duel['ties']} ties, {duel['losses']} losses; "
+        f"SFT vs base by reward: {duel['wins']} wins, {duel['ties']} ties, {duel['losses']} losses{unscored}; "
         f"win rate {_percent(duel['win_rate'])} (ties count half)"
     )
 
@@ -92,7 +97,7 @@ def _answer_note(row: dict[str, Any]) -> str:
     if "exact_match" in row:
         notes.append("exact match" if row["exact_match"] else "wrong")
     if "reward" in row:
-        notes.append(f"reward {row['reward']:.3f}")
+        notes.append(f"reward {_number(row['reward'])}")
     return ", ".join(notes)
 
 
