@@ -818,9 +818,9 @@ def merge_adapter(
 
     if quantization:
         raise ConfigError(
-            f"merging into a {quantization}-loaded base is refused: the merged weights would have to be re-quantized "
-            "(losing the adapter's precision) and cannot be saved as a plain model. Load the base in 16-bit to merge "
-            "(leave out --quantization); a QLoRA adapter merges into the 16-bit base as it is"
+            f"merging into a {quantization}-loaded base is refused: the merged weights would have to be "
+            "re-quantized (losing the adapter's precision) and cannot be saved as a plain model. Load the base in "
+            "16-bit to merge (leave out --quantization); a QLoRA adapter merges into the 16-bit base as it is"
         )
     config_path = Path(adapter) / "adapter_config.json"
     if not config_path.is_file():
