@@ -219,11 +219,15 @@ class GenerationOptions(ModelOptions):
 
 @dataclass
 class ChatOptions(GenerationOptions):
+    """Chat with a model: one message a line on stdin, answers streamed; /reset clears the history, /exit quits."""
+
     show_prompt: bool = field(default=False, metadata=_help("Echo each rendered prompt (debugging)."))
 
 
 @dataclass
 class CompareOptions(GenerationOptions):
+    """Answer the same questions with the base model (adapter off) and the fine-tuned one (adapter on)."""
+
     questions: str | None = field(default=None, metadata=_help("Questions: .txt (one a line) or an SFT data file."))
     references: str | None = field(default=None, metadata=_help("Questions with expected answers: exact match."))
     max_questions: int | None = field(default=None, metadata=_help("Use only the first N questions."))
@@ -294,7 +298,8 @@ def parse_options(cls: type[ModelOptions], argv: list[str], prog: str = "generat
     parser.add_argument("--config", help="JSON file holding any of the options below.")
     for name, spec in fields.items():
         default = spec.default if spec.default is not dataclasses.MISSING else None
-        parser.add_argument(f"--{name}", metavar="VALUE", help=f"{spec.metadata.get('help', '')} [{default}]")
+        shown = "preset's" if name in GENERATION_KEYS else ("default" if name == "preset" else json.dumps(default))
+        parser.add_argument(f"--{name}", metavar="VALUE", help=f"{spec.metadata.get('help', '')} [{shown}]")
     known, unknown = parser.parse_known_args(argv)
     if unknown:
         flag = next((u for u in unknown if u.startswith("--")), unknown[0])
