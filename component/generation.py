@@ -149,8 +149,7 @@ def read_generation_config(path: str | None) -> dict[str, Any]:
             continue
         if key not in valid:
             raise ConfigError(f"{path}: unknown generation key '{key}'.{_closest(key, valid)}")
-        spec = GenerationOptions.__dataclass_fields__["preset" if key == "preset" else key]
-        values[key] = _check_type(f"{path}: '{key}'", value, _hints(GenerationOptions)[spec.name], from_cli=False)
+        values[key] = _check_type(f"{path}: '{key}'", value, _hints(GenerationOptions)[key], from_cli=False)
     return values
 
 
@@ -205,7 +204,7 @@ class GenerationOptions(ModelOptions):
         from_file = read_generation_config(self.generation_config)
         presets = self.preset if self.preset is not None else from_file.pop("preset", "default")
         from_file.pop("preset", None)
-        names = [presets] if isinstance(presets, str) else list(presets)
+        names = [n.strip() for n in presets.split(",")] if isinstance(presets, str) else list(presets)
         if not names:
             raise ConfigError("'preset' is an empty list; name at least one of " + ", ".join(PRESETS))
         if len(set(names)) < len(names):
@@ -294,7 +293,9 @@ def parse_options(cls: type[ModelOptions], argv: list[str], prog: str = "generat
     """`[--config FILE] [--key value ...]` -> options; command line beats file, unknown keys name the closest."""
     hints = _hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    parser = argparse.ArgumentParser(prog=prog, description=cls.__doc__, argument_default=argparse.SUPPRESS)
+    parser = argparse.ArgumentParser(
+        prog=prog, description=cls.__doc__, argument_default=argparse.SUPPRESS, allow_abbrev=False
+    )
     parser.add_argument("--config", help="JSON file holding any of the options below.")
     for name, spec in fields.items():
         default = spec.default if spec.default is not dataclasses.MISSING else None
