@@ -331,6 +331,15 @@ def test_chat_drops_oldest_turns_to_fit_the_context(loaded):
     assert session.history[0].user != "把 000 逐位写成汉字"
 
 
+def test_beam_search_chat_writes_the_whole_answer(loaded):
+    model, tokenizer, template = loaded
+    session = ChatSession(model, tokenizer, template, resolve_settings("beam", {"max_new_tokens": 4}))
+    out = StringIO()
+    answer = session.ask(QUESTIONS[0], out)  # transformers cannot stream beams: written once, complete
+    assert out.getvalue() == answer
+    assert generate_answers(model, tokenizer, template, [session.last_prompt_ids], session.settings) == [answer]
+
+
 def test_chat_cli_scripted_through_stdin(tiny):
     result = subprocess.run(
         [sys.executable, "generate.py", "chat", "--model_name_or_path", tiny["base"], "--adapter", tiny["adapter"]]
