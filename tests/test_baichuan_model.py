@@ -166,6 +166,39 @@ def test_fixture_configs_detected_and_quirks_accepted(baichuan):
     assert baichuan.chat_generation_defaults(ref / "baichuan2_7b_h4")["repetition_penalty"] == 1.05
 
 
+@pytest.mark.parametrize("trust_remote_code", [False, True])
+def test_hub_folder_python_files_are_never_executed(baichuan, tmp_path, trust_remote_code):
+    """A hub-style folder whose .py files raise on import loads with the native classes."""
+    import shutil
+
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer_dir = FIXTURES / "tokenizers" / "baichuan2"
+    folder = tmp_path / "hub"
+    shutil.copytree(_need_ref() / "baichuan_13b_h4", folder)
+    shutil.copy(tokenizer_dir / "tokenizer.model", folder / "tokenizer.model")
+    shutil.copy(tokenizer_dir / "tokenizer_config.json", folder / "tokenizer_config.json")
+    for module in ("configuration_baichuan", "modeling_baichuan", "tokenization_baichuan", "generation_utils"):
+        (folder / f"{module}.py").write_text('raise RuntimeError("hub code executed")\n')
+
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    assert type(config) is baichuan.BaichuanConfig
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    assert type(model) is baichuan.BaichuanForCausalLM
+    classifier = AutoModelForSequenceClassification.from_pretrained(
+        folder, num_labels=1, trust_remote_code=trust_remote_code
+    )
+    assert type(classifier) is baichuan.BaichuanForSequenceClassification
+    # With trust_remote_code=True transformers prefers a folder's own tokenizer code over a registered class,
+    # so the suite loads Baichuan tokenizers with remote code off, or through load_baichuan_tokenizer.
+    tokenizers = [baichuan.load_baichuan_tokenizer(folder, trust_remote_code=trust_remote_code)]
+    if not trust_remote_code:
+        tokenizers.append(AutoTokenizer.from_pretrained(folder, trust_remote_code=False))
+    for tokenizer in tokenizers:
+        assert type(tokenizer) is baichuan.BaichuanTokenizer
+        assert tokenizer.encode("<reserved_106>你好<reserved_107>") == [195, 16829, 196]
+
+
 # ----------------------------------------------------------------------------------------------------------
 # ALiBi slopes
 # ----------------------------------------------------------------------------------------------------------
