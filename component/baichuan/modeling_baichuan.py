@@ -178,6 +178,10 @@ class BaichuanAttention(nn.Module):
 
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)
+        if attention_bias is not None and attention_bias.dtype != query.dtype:
+            # e.g. fp32 embeddings (peft upcasts them for k-bit training) feeding bf16 projections; clamp
+            # because fp32's lowest value rounds to -inf in bf16 and fully masked rows would turn into NaN.
+            attention_bias = attention_bias.to(query.dtype).clamp_min(torch.finfo(query.dtype).min)
 
         attn_weights = None
         if self.config._attn_implementation == "eager" or output_attentions:
@@ -422,10 +426,13 @@ class BaichuanModel(BaichuanPreTrainedModel):
         )
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         if use_cache is None:
-            use_cache = self.config.use_cache and not self.training
+            use_cache = cache is not None or (self.config.use_cache and not self.training)
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled() and use_cache:
+            # Recomputed layers would write the cache twice.
             logger.warning_once("use_cache=True does not work with gradient checkpointing; cache disabled.")
             use_cache = False
+        if not use_cache:
+            cache = None
 
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
@@ -456,7 +463,7 @@ class BaichuanModel(BaichuanPreTrainedModel):
                 hidden_states,
                 attention_bias=attention_bias,
                 position_embeddings=position_embeddings,
-                cache=cache if use_cache else None,
+                cache=cache,
                 use_cache=use_cache,
                 output_attentions=output_attentions,
             )
@@ -473,7 +480,7 @@ class BaichuanModel(BaichuanPreTrainedModel):
         output = _output(
             BaseModelOutputWithPast,
             last_hidden_state=hidden_states,
-            cache=cache if use_cache else None,
+            cache=cache,
             hidden_states=all_hidden_states,
             attentions=all_attentions,
         )
