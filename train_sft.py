@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from transformers import Trainer
+from transformers import Trainer, set_seed
 
 import component  # noqa: F401  (registers the native Baichuan classes)
 from component.arguments import ConfigError, load_arguments, save_resolved
@@ -49,6 +49,7 @@ def main(argv: list[str], callbacks: list | None = None) -> Trainer | None:
     if args.dry_run:
         return None
 
+    set_seed(training_args.seed)  # LoRA weights are initialised at load: same seed, same run
     model = load_model(args, training_args.gradient_checkpointing)
     trainer = Trainer(
         model=model,

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import TrainingArguments
 
 
@@ -254,6 +255,7 @@ def build_arguments(
         training_args = TrainingArguments(**hf_values)
     except (ValueError, TypeError) as error:
         raise ConfigError(f"{source}: {error}") from None
+    training_args.device  # noqa: B018  (sets up torchrun's process group, so process_index is right from here on)
     validate(args, training_args, source)
     return args, training_args
 
@@ -264,6 +266,8 @@ def _apply_training_defaults(values: dict[str, Any]) -> None:
     values.setdefault("gradient_checkpointing_kwargs", {"use_reentrant": False})
     values.setdefault("ddp_find_unused_parameters", False)
     values.setdefault("remove_unused_columns", False)
+    # Without a GPU, accelerate only sets up torchrun's processes (gloo) when told it runs on the CPU.
+    values.setdefault("use_cpu", not (torch.cuda.is_available() or torch.backends.mps.is_available()))
 
 
 def validate(args: FinetuneArguments, training_args: TrainingArguments, source: str) -> None:

@@ -9,6 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
 
 from component.arguments import FinetuneArguments
+from component.baichuan import is_baichuan_config, load_baichuan_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -21,8 +22,11 @@ def compute_dtype() -> torch.dtype:
 
 
 def load_tokenizer(model_name_or_path: str, trust_remote_code: bool = False, padding_side: str = "right"):
-    """The model folder's tokenizer; a pad token is borrowed from EOS (or UNK) when it has none."""
-    tokenizer = AutoTokenizer.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
+    """The model folder's tokenizer; a pad token is borrowed from UNK (or EOS) when it has none."""
+    if is_baichuan_config(model_name_or_path):  # the hub's own tokenizer code is broken on transformers 5
+        tokenizer = load_baichuan_tokenizer(model_name_or_path)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.unk_token if tokenizer.unk_token is not None else tokenizer.eos_token
     tokenizer.padding_side = padding_side
