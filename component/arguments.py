@@ -147,7 +147,7 @@ def _coerce(key: str, value: Any, annotation: Any, from_cli: bool) -> Any:
                 value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"train_args key '{key}' must be a number, got {value!r}")
-        return float(value)
+        return value  # an int stays an int: warmup_steps reads 20 as steps and 0.03 as a ratio
     if annotation is str:
         if not isinstance(value, str):
             raise ConfigError(f"train_args key '{key}' must be a string, got {value!r}")
