@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import random
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -307,8 +308,6 @@ def prepare_cached(
             (tmp / "settings.json").write_text(json.dumps(settings, indent=2, default=str), encoding="utf-8")
             (tmp / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
             if cache_path.exists():  # overwrite_cache: replace the old entry whole
-                import shutil
-
                 shutil.rmtree(cache_path)
             os.replace(tmp, cache_path)
         train = load_from_disk(str(cache_path / "train"))
