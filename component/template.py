@@ -39,6 +39,7 @@ class Template:
     """Base class: subclasses say how one conversation splits into prompt and reply parts."""
 
     name = "base"
+    stop_strings: tuple[str, ...] = ()  # text that also ends a reply at generation time
 
     def __init__(self, tokenizer) -> None:
         self.tokenizer = tokenizer
@@ -136,6 +137,8 @@ class HumanAssistantTemplate(Template):
     """
 
     name = "human_assistant"
+    # A base model that has not learned EOS yet runs on into an invented next turn: cut it there.
+    stop_strings = ("\nHuman:",)
 
     def turn_parts(self, conversation: Conversation) -> list[TurnParts]:
         bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
