@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -49,3 +50,32 @@ def tiny_llama_dir(tmp_path_factory, demo_tokenizer) -> Path:
     from component.demo_assets import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny_llama"), config=TINY_LLAMA, tokenizer=demo_tokenizer)
+
+
+# Helpers for the reader tests: fixture data files, raw records, small files written on the spot.
+DATASET_FIXTURES = SHARED_FIXTURES / "datasets"
+
+
+def fixture(name: str) -> str:
+    path = DATASET_FIXTURES / name
+    if not path.exists():
+        pytest.skip(f"dataset fixture {name} not found under {DATASET_FIXTURES}")
+    return str(path)
+
+
+def raw_lines(name: str) -> list[dict]:
+    return [json.loads(line) for line in Path(fixture(name)).read_text("utf-8").splitlines() if line.strip()]
+
+
+def raw_json(name: str):
+    return json.loads(Path(fixture(name)).read_text("utf-8"))
+
+
+def write(tmp_path: Path, name: str, text: str) -> str:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+def jsonl(records: list) -> str:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)

@@ -6,7 +6,6 @@ import gzip
 import json
 import logging
 import time
-from pathlib import Path
 
 import pytest
 
@@ -19,34 +18,9 @@ from component.readers import (
     iter_records,
     read_sft_file,
 )
+from tests.conftest import fixture, jsonl, raw_json, raw_lines, write  # noqa: F401
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "datasets"
 LOGGER = "component.readers"
-
-
-def fixture(name: str) -> str:
-    path = FIXTURES / name
-    if not path.exists():
-        pytest.skip(f"dataset fixture {name} not found under {FIXTURES}")
-    return str(path)
-
-
-def raw_lines(name: str) -> list[dict]:
-    return [json.loads(line) for line in Path(fixture(name)).read_text("utf-8").splitlines() if line.strip()]
-
-
-def raw_json(name: str):
-    return json.loads(Path(fixture(name)).read_text("utf-8"))
-
-
-def write(tmp_path: Path, name: str, text: str) -> str:
-    path = tmp_path / name
-    path.write_text(text, encoding="utf-8")
-    return str(path)
-
-
-def jsonl(records: list) -> str:
-    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
 
 
 def assert_counts_add_up(report: SourceReport) -> None:
