@@ -11,7 +11,7 @@ import pytest
 from component.conversation import PreferencePair, Turn
 from component.preference_readers import PREFERENCE_FORMATS, detect_preference_format, read_preference_file
 from component.readers import DataFormatError
-from tests.conftest import fixture, jsonl, raw_json, raw_lines, write  # noqa: F401
+from tests.conftest import fixture, jsonl, raw_json, raw_lines, write
 
 LOGGER = "component.preference_readers"
 

@@ -18,7 +18,7 @@ from component.readers import (
     iter_records,
     read_sft_file,
 )
-from tests.conftest import fixture, jsonl, raw_json, raw_lines, write  # noqa: F401
+from tests.conftest import fixture, jsonl, raw_json, raw_lines, write
 
 LOGGER = "component.readers"
 
