@@ -31,7 +31,7 @@ logger = logging.getLogger("train_rm")
 PLOT_KEYS = ("loss", "eval_loss", "eval_accuracy", "eval_margin")
 
 
-def main(argv: list[str]) -> None:
+def main(argv: list[str], callbacks: list | None = None) -> RewardTrainer | None:
     args, training_args = load_arguments(argv, RewardArguments)
     setup_logging(training_args)
 
@@ -41,6 +41,9 @@ def main(argv: list[str]) -> None:
     if training_args.process_index == 0:
         save_resolved(args, training_args, training_args.output_dir)
         write_data_report(data, training_args.output_dir, ("chosen_input_ids", "rejected_input_ids"))
+    if len(data.train) == 0:
+        raise ValueError(f"no training pairs left: see the skip counts in {training_args.output_dir}/data_report.json")
+    if training_args.process_index == 0:
         first = data.train[0]
         logger.info(
             "Example pair:\n--- chosen ---\n%s\n--- rejected ---\n%s",
@@ -54,7 +57,7 @@ def main(argv: list[str]) -> None:
             training_args.output_dir,
         )
     if args.dry_run:
-        return
+        return None
 
     set_seed(training_args.seed)  # the new score head is random-init: the same on every run and rank
     model = load_model(
@@ -77,9 +80,11 @@ def main(argv: list[str]) -> None:
         data_collator=PairCollator(tokenizer.pad_token_id, row_tokens if packing else None),
         processing_class=tokenizer,
         margin=args.margin,
+        callbacks=callbacks,
     )
     result = trainer.train(resume_from_checkpoint=resolve_resume(training_args))
     finish_training(trainer, result, PLOT_KEYS)
+    return trainer
 
 
 if __name__ == "__main__":
