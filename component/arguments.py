@@ -63,7 +63,17 @@ class FinetuneArguments:
     )
     packing_row_tokens: int | None = field(
         default=None,
-        metadata={"help": "Token budget of one packed row; null = per_device_train_batch_size * max_seq_length."},
+        metadata={
+            "help": "Token budget of one packed row where attention has no varlen kernel; null = max_seq_length "
+            "(a varlen kernel gets one flat row per batch)."
+        },
+    )
+    group_by_length: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Padded batches of similar lengths (Trainer's length-grouped sampler); null = on whenever "
+            "batches are padded (docs/throughput.md)."
+        },
     )
     finetuning_type: str = field(default="lora", metadata=choices(*FINETUNING_TYPES))
     quantization: str | None = field(default=None, metadata=choices(*QUANTIZATIONS))
@@ -297,7 +307,7 @@ def validate(args: FinetuneArguments, training_args: TrainingArguments, source: 
     for spec in data_file_specs(args.train_file, "train_file") + data_file_specs(args.eval_file, "eval_file"):
         if not os.path.isfile(spec["path"]):
             raise ConfigError(f"{source}: '{spec['key']}' file {spec['path']!r} does not exist")
-    if args.packing and training_args.group_by_length:
+    if args.packing and (args.group_by_length or training_args.train_sampling_strategy == "group_by_length"):
         raise ConfigError(f"{source}: 'packing' and 'group_by_length' exclude each other; pick one")
     if training_args.resume_from_checkpoint not in (None, "true") and not os.path.isdir(
         training_args.resume_from_checkpoint

@@ -2,7 +2,8 @@
 
 Packed rows carry no attention_mask: transformers (and our Baichuan) read the position_ids restarts and
 keep attention inside each example. The first label of every example is set to -100 so that no example
-is ever predicted from the one before it.
+is ever predicted from the one before it. Which of the two a run uses, and the row budget, is decided in
+component/training.py (docs/throughput.md).
 """
 
 from __future__ import annotations
@@ -45,8 +46,13 @@ class PaddingCollator:
         return out
 
 
-def pack_rows(lengths: list[int], row_tokens: int) -> list[list[int]]:
-    """First-fit-decreasing bin packing of example indices into rows of at most row_tokens tokens."""
+def pack_rows(lengths: list[int], row_tokens: int | None) -> list[list[int]]:
+    """First-fit-decreasing bin packing of example indices into rows of at most row_tokens tokens.
+
+    `row_tokens=None` puts every example in one row. An example longer than the budget gets a row of its own.
+    """
+    if row_tokens is None:
+        return [list(range(len(lengths)))]
     rows: list[list[int]] = []
     free: list[int] = []
     for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
@@ -64,20 +70,22 @@ def pack_rows(lengths: list[int], row_tokens: int) -> list[list[int]]:
 
 @dataclass
 class PackingCollator:
-    """Concatenates examples into rows of at most `row_tokens`, padding-free within a row.
+    """Concatenates a batch's examples into rows of at most `row_tokens`, padding-free within a row.
 
-    Rows of one batch are padded to the longest row with a pad segment (its own position_ids from 0, labels
-    -100), which attends only to itself. `segment_lengths` lists each row's example lengths for callers
-    (the reward model) that need per-example positions.
+    `row_tokens=None` gives one flat row per batch: the layout varlen kernels need (transformers' flash-attention
+    path reads the position_ids restarts only when the batch has a single row). A budget gives several rows,
+    which keeps the dense row x row mask of SDPA/eager attention small. Rows of one batch are padded to the
+    longest row with a pad segment (its own position_ids from 0, labels -100), which attends only to itself.
     """
 
     pad_token_id: int
-    row_tokens: int
+    row_tokens: int | None = None
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         lengths = [len(f["input_ids"]) for f in features]
         rows = pack_rows(lengths, self.row_tokens)
         width = max(sum(lengths[i] for i in row) for row in rows)
+        has_labels = "labels" in features[0]
         input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
         position_ids = torch.zeros((len(rows), width), dtype=torch.long)
@@ -88,12 +96,12 @@ class PackingCollator:
                 end = start + len(ids)
                 input_ids[r, start:end] = torch.tensor(ids, dtype=torch.long)
                 position_ids[r, start:end] = torch.arange(len(ids))
-                if "labels" in features[index]:
+                if has_labels:
                     labels[r, start:end] = torch.tensor(features[index]["labels"], dtype=torch.long)
                     labels[r, start] = IGNORE_INDEX  # never predicted from the previous example
                 start = end
             position_ids[r, start:] = torch.arange(width - start)
         batch = {"input_ids": input_ids, "position_ids": position_ids}
-        if "labels" in features[0]:
+        if has_labels:
             batch["labels"] = labels
         return batch

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -31,26 +32,82 @@ def setup_logging(training_args: TrainingArguments) -> None:
     datasets.utils.logging.set_verbosity(logging.WARNING)
 
 
-def varlen_attention_available() -> bool:
-    """True where a padding-free kernel skips cross-example work (flash-attention varlen on a GPU)."""
-    if not torch.cuda.is_available():
+# Attention implementations that run a packed row as separate sequences (cu_seqlens from the position_ids
+# restarts). Everything else (sdpa, eager, our Baichuan) builds a dense block-diagonal row x row mask.
+VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3", "flash_attention_4")
+
+
+def varlen_attention_available(model=None) -> bool:
+    """True where a packed row's attention skips cross-example work: a flash-attention model on a GPU.
+
+    Without a model the answer is for what `load_model` loads by default, SDPA: no varlen kernel.
+    """
+    if model is None or not torch.cuda.is_available():
         return False
-    from transformers.utils import is_flash_attn_2_available
+    implementation = getattr(getattr(model, "config", None), "_attn_implementation", None) or ""
+    # Hub kernels ("kernels-community/flash-attn2") are varlen too.
+    return implementation in VARLEN_ATTENTION or "flash" in implementation
 
-    return is_flash_attn_2_available()
+
+@dataclass
+class Batching:
+    """How batches are built: packed rows, or padded batches (length-grouped or random); `reason` is logged."""
+
+    packing: bool
+    group_by_length: bool
+    reason: str
 
 
-def use_packing(args: FinetuneArguments, training_args: TrainingArguments) -> bool:
-    """`packing: null` packs where a varlen kernel exists; elsewhere length-grouped padded batches win."""
+def resolve_batching(args: FinetuneArguments, training_args: TrainingArguments, model=None) -> Batching:
+    """The batching rule of docs/throughput.md; explicit keys always win.
+
+    `packing: null` packs only where a varlen kernel exists (there packing costs no cross-example attention);
+    elsewhere padded batches grouped by length are faster, since SDPA would attend over each packed row whole.
+    `group_by_length: null` groups whenever batches are padded.
+    """
+    sampler_groups = training_args.train_sampling_strategy == "group_by_length"
     if args.packing is not None:
-        return args.packing
-    return varlen_attention_available() and not training_args.group_by_length
-
-
-def make_collator(args: FinetuneArguments, training_args: TrainingArguments, tokenizer, packing: bool):
+        packing, reason = args.packing, "packing set in the train args"
+    elif args.group_by_length or sampler_groups:
+        packing, reason = False, "group_by_length set in the train args"
+    elif varlen_attention_available(model):
+        packing, reason = True, "packing: null and the model runs a varlen attention kernel"
+    else:
+        packing, reason = False, "packing: null and no varlen attention kernel (SDPA would attend over whole rows)"
     if packing:
-        row_tokens = args.packing_row_tokens or args.max_seq_length * training_args.per_device_train_batch_size
-        return PackingCollator(pad_token_id=tokenizer.pad_token_id, row_tokens=row_tokens)
+        return Batching(True, False, reason)
+    grouped = args.group_by_length if args.group_by_length is not None else True
+    return Batching(False, grouped or sampler_groups, reason)
+
+
+def use_packing(args: FinetuneArguments, training_args: TrainingArguments, model=None) -> bool:
+    """Resolve the batching (see resolve_batching), switch the Trainer's sampler to it; True = packed batches."""
+    batching = resolve_batching(args, training_args, model)
+    if batching.group_by_length:
+        training_args.train_sampling_strategy = "group_by_length"  # the Trainer reads our `length` column
+    logger.info(
+        "Batching: %s (%s)",
+        "packed" if batching.packing else "padded, length-grouped" if batching.group_by_length else "padded",
+        batching.reason,
+    )
+    return batching.packing
+
+
+def packing_row_tokens(args: FinetuneArguments, model=None) -> int | None:
+    """Row budget of packed batches: one flat row for varlen kernels, else rows of at most max_seq_length.
+
+    A dense-mask attention pays row x row per row, so rows no longer than one example's limit cost at most
+    what a padded batch of the longest example costs; a varlen kernel needs the single flat row.
+    """
+    if varlen_attention_available(model):
+        return None
+    return args.packing_row_tokens or args.max_seq_length
+
+
+def make_collator(args: FinetuneArguments, training_args: TrainingArguments, tokenizer, packing: bool, model=None):
+    """The SFT collator for the resolved batching (pass the model so the row layout fits its attention)."""
+    if packing:
+        return PackingCollator(pad_token_id=tokenizer.pad_token_id, row_tokens=packing_row_tokens(args, model))
     return PaddingCollator(pad_token_id=tokenizer.pad_token_id)
 
 
