@@ -27,7 +27,10 @@ from component.reward import (
 )
 from component.reward_data import PairCollator, encode_pair
 from component.template import get_template
+from tests import test_baichuan_sft
 from tests.conftest import REPO
+
+baichuan_13b_folder = test_baichuan_sft.baichuan_13b_folder  # the tiny hub-shaped Baichuan-13B folder fixture
 
 DEMO_PAIRS = [json.loads(line) for line in (REPO / "data/demo/preference_train.jsonl").read_text("utf-8").splitlines()]
 
@@ -350,3 +353,50 @@ def test_resume_after_a_stop_matches_an_uninterrupted_run(small_run):
     a, b = adapter_weights(straight), adapter_weights(resumed)
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6)
+
+
+# --- the shipped configs ----------------------------------------------------------------------------
+def shipped_rm_config(tmp_path: Path, name: str, model: Path, data: Path, **overrides) -> str:
+    """config/rm/<name> as shipped, with the model, every data path and the outputs pointed into the test."""
+    values = json.loads((REPO / "config" / "rm" / name).read_text(encoding="utf-8"))
+
+    def local(spec):
+        if isinstance(spec, list):
+            return [local(s) for s in spec]
+        return {**spec, "path": str(data)} if isinstance(spec, dict) else str(data)
+
+    values.update(
+        model_name_or_path=str(model),
+        train_file=local(values["train_file"]),
+        eval_file=local(values["eval_file"]),
+        output_dir=str(tmp_path / "out"),
+        data_cache_dir=str(tmp_path / "cache"),
+        **overrides,
+    )
+    return write_args(tmp_path, name.removesuffix(".json"), **values)
+
+
+@pytest.mark.slow
+def test_baichuan_13b_qlora_config_dry_run_and_two_steps(tmp_path, baichuan_13b_folder, shared_fixtures):
+    data = shared_fixtures / "datasets" / "rlhf-reward-single-round-trans_chinese.handmade.parquet"
+    args_file = shipped_rm_config(tmp_path, "lora_config.json", baichuan_13b_folder, data)
+    train_rm.main(["--train_args_file", args_file, "--dry_run", "true"])
+    report = json.loads((tmp_path / "out" / "data_report.json").read_text(encoding="utf-8"))
+    assert report["sources"][0]["format"] == "prompt_chosen_rejected" and report["examples"] == 4
+    overrides = ["--max_steps", "2", "--bf16", "false", "--optim", "adamw_torch", "--gradient_checkpointing", "true"]
+    trainer = train_rm.main(["--train_args_file", args_file, *overrides, "--report_to", "none"])
+    assert type(trainer.model.get_base_model()).__name__ == "BaichuanForSequenceClassification"
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+    assert "eval_accuracy" in json.loads((tmp_path / "out" / "eval_results.json").read_text())
+
+
+@pytest.mark.slow
+def test_hh_rlhf_qwen_config_dry_run(tmp_path, tiny_llama_dir, shared_fixtures):
+    data = shared_fixtures / "datasets" / "hh-rlhf.handmade.jsonl.gz"
+    train_rm.main(["--train_args_file", shipped_rm_config(tmp_path, "hh_rlhf_qwen.json", tiny_llama_dir, data)])
+    report = json.loads((tmp_path / "out" / "data_report.json").read_text(encoding="utf-8"))
+    assert [s["format"] for s in report["sources"]] == ["hh_rlhf", "hh_rlhf"]
+    assert report["examples"] == 12  # 6 pairs, listed twice
+    preview = json.loads((tmp_path / "out" / "data_preview.jsonl").read_text().splitlines()[0])
+    text = load_tokenizer(str(tiny_llama_dir)).decode(preview["chosen_input_ids"])
+    assert text.startswith("<|im_start|>user\n") and text.endswith("<|im_end|>\n")  # the chat template's turn end
