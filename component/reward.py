@@ -146,12 +146,16 @@ class RewardTrainer(Trainer):
 
 
 def train_score_head_in_fp32(model: nn.Module) -> None:
-    """With 16-bit weights the head copy peft trains would be 16-bit too; keep its updates in fp32."""
+    """With 16-bit weights the head copy peft trains would be 16-bit too, and small updates would round away.
+
+    Keep the trained head in fp32 and feed it the hidden states in fp32 (under QLoRA they already are).
+    """
     head = score_head(model)
     trained = getattr(head, "modules_to_save", None)
     for module in trained.values() if trained is not None else [head]:
-        if any(p.requires_grad for p in module.parameters()):
+        if any(p.requires_grad for p in module.parameters()) and module.weight.dtype != torch.float32:
             module.float()
+            module.register_forward_pre_hook(lambda _module, args: tuple(a.float() for a in args))
 
 
 # --- loading and scoring ------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from tests.conftest import REPO
 
 baichuan_13b_folder = test_baichuan_sft.baichuan_13b_folder  # the tiny hub-shaped Baichuan-13B folder fixture
 
+PAIR = PreferencePair("把 4071 逐位写成汉字", "四零七一", "四零七二")
 DEMO_PAIRS = [json.loads(line) for line in (REPO / "data/demo/preference_train.jsonl").read_text("utf-8").splitlines()]
 
 
@@ -400,3 +401,22 @@ def test_hh_rlhf_qwen_config_dry_run(tmp_path, tiny_llama_dir, shared_fixtures):
     preview = json.loads((tmp_path / "out" / "data_preview.jsonl").read_text().splitlines()[0])
     text = load_tokenizer(str(tiny_llama_dir)).decode(preview["chosen_input_ids"])
     assert text.startswith("<|im_start|>user\n") and text.endswith("<|im_end|>\n")  # the chat template's turn end
+
+
+def test_a_16_bit_model_trains_its_score_head_in_fp32(tiny_llama_dir, demo_tokenizer):
+    from component.arguments import RewardArguments
+    from component.model import attach_lora
+    from component.reward import train_score_head_in_fp32
+
+    model = AutoModelForSequenceClassification.from_pretrained(
+        tiny_llama_dir, num_labels=1, pad_token_id=demo_tokenizer.pad_token_id, dtype=torch.bfloat16
+    )
+    args = RewardArguments(model_name_or_path=str(tiny_llama_dir), train_file="unused", lora_rank=4)
+    model = attach_lora(model, args, modules_to_save=["score"])
+    train_score_head_in_fp32(model)
+    trained = [p for n, p in model.named_parameters() if p.requires_grad and "score" in n]
+    assert trained and all(p.dtype == torch.float32 for p in trained)
+    ids = torch.tensor([encode_pair(get_template("human_assistant", demo_tokenizer), PAIR, None).sequences[0]])
+    scores = sequence_scores(model, ids, torch.ones_like(ids))
+    pairwise_loss(scores, scores.detach() + 1).backward()
+    assert scores.dtype == torch.float32 and all(p.grad is not None for p in trained)
