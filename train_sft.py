@@ -56,7 +56,7 @@ def main(argv: list[str], callbacks: list | None = None) -> Trainer | None:
         args=training_args,
         train_dataset=data.train,
         eval_dataset=data.eval,
-        data_collator=make_collator(args, training_args, tokenizer, use_packing(args, training_args)),
+        data_collator=make_collator(args, training_args, tokenizer, use_packing(args, training_args, model), model),
         processing_class=tokenizer,
         callbacks=callbacks,
     )

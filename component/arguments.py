@@ -84,6 +84,13 @@ class FinetuneArguments:
         default=None, metadata={"help": "Module names for LoRA; null = every linear layer but the output head."}
     )
     trust_remote_code: bool = field(default=False, metadata={"help": "Run Python files shipped with the model."})
+    attn_implementation: str | None = field(
+        default=None,
+        metadata={
+            "help": "Attention kernel: null (transformers' default, SDPA), sdpa, eager, or flash_attention_2 "
+            "(needs the flash-attn package; makes `packing: null` pack)."
+        },
+    )
     dry_run: bool = field(default=False, metadata={"help": "Read data and tokenizer only, write the data report."})
 
     def __post_init__(self) -> None:

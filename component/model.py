@@ -69,6 +69,7 @@ def load_model(
         dtype=torch.float32 if full else compute_dtype(),
         device_map=device_map_for_this_process(quantization is not None),
         trust_remote_code=args.trust_remote_code,
+        **({"attn_implementation": args.attn_implementation} if args.attn_implementation else {}),
         **model_kwargs,
     )
     model.config.use_cache = False  # no KV cache while training; also lets packed batches be detected
