@@ -17,21 +17,27 @@ from component.template import IGNORE_INDEX
 
 @dataclass
 class PaddingCollator:
-    """Pads input_ids with pad_token_id and labels with -100; attention_mask marks real tokens."""
+    """Pads input_ids with pad_token_id and labels with -100; attention_mask marks real tokens.
+
+    `attention_mask=False` leaves the mask out of right-padded batches for a causal LM: a real token never
+    attends to the padding after it, so logits, loss and gradients are unchanged, and SDPA takes its
+    is_causal path (no mask built, the upper triangle skipped). Callers that read the mask (the reward
+    model's last-token index) keep it.
+    """
 
     pad_token_id: int
     padding_side: str = "right"
     pad_to_multiple_of: int | None = None
     sequence_keys: tuple[str, ...] = ("input_ids",)
+    attention_mask: bool = True
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         longest = max(len(f["input_ids"]) for f in features)
         if self.pad_to_multiple_of:
             longest = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        batch = {
-            "input_ids": self._pad([f["input_ids"] for f in features], longest, self.pad_token_id),
-            "attention_mask": self._pad([[1] * len(f["input_ids"]) for f in features], longest, 0),
-        }
+        batch = {"input_ids": self._pad([f["input_ids"] for f in features], longest, self.pad_token_id)}
+        if self.attention_mask or self.padding_side != "right":
+            batch["attention_mask"] = self._pad([[1] * len(f["input_ids"]) for f in features], longest, 0)
         if "labels" in features[0]:
             batch["labels"] = self._pad([f["labels"] for f in features], longest, IGNORE_INDEX)
         return batch

@@ -108,7 +108,8 @@ def make_collator(args: FinetuneArguments, training_args: TrainingArguments, tok
     """The SFT collator for the resolved batching (pass the model so the row layout fits its attention)."""
     if packing:
         return PackingCollator(pad_token_id=tokenizer.pad_token_id, row_tokens=packing_row_tokens(args, model))
-    return PaddingCollator(pad_token_id=tokenizer.pad_token_id)
+    # Right padding of a causal LM needs no mask (see PaddingCollator): SDPA's fast causal path instead.
+    return PaddingCollator(pad_token_id=tokenizer.pad_token_id, attention_mask=False)
 
 
 def resolve_resume(training_args: TrainingArguments) -> str | None:

@@ -141,7 +141,7 @@ def test_packing_keeps_every_templates_labels(demo_tokenizer, template_name):
 
 # --- exact equality with one example at a time ------------------------------------------------------------------
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("layout", ["one_row", "row_budget", "padded"])
+@pytest.mark.parametrize("layout", ["one_row", "row_budget", "padded", "padded_no_mask"])
 def test_batch_loss_and_grads_equal_one_example_at_a_time(tiny_llama, attn, layout):
     tiny_llama.set_attn_implementation(attn)
     examples = make_examples(tiny_llama.config.vocab_size)
@@ -149,6 +149,7 @@ def test_batch_loss_and_grads_equal_one_example_at_a_time(tiny_llama, attn, layo
         "one_row": PackingCollator(pad_token_id=0),
         "row_budget": PackingCollator(pad_token_id=0, row_tokens=160),
         "padded": PaddingCollator(pad_token_id=0),
+        "padded_no_mask": PaddingCollator(pad_token_id=0, attention_mask=False),  # right padding: mask not needed
     }[layout]
     assert_same_loss_and_grads(tiny_llama, examples, collator(examples))
 
@@ -224,7 +225,10 @@ def test_default_batching_on_cpu_is_length_grouped_padding(tmp_path, tiny_llama_
     assert (args.packing, args.group_by_length) == (None, None)
     assert use_packing(args, training_args, tiny_llama) is False
     assert training_args.train_sampling_strategy == "group_by_length"
-    assert isinstance(make_collator(args, training_args, _Tokenizer(), False, tiny_llama), PaddingCollator)
+    collator = make_collator(args, training_args, _Tokenizer(), False, tiny_llama)
+    assert isinstance(collator, PaddingCollator)
+    batch = collator(make_examples(100)[:3])
+    assert "attention_mask" not in batch and (batch["labels"][batch["input_ids"] == 0] == IGNORE_INDEX).all()
 
 
 def test_default_batching_with_a_varlen_kernel_is_one_flat_packed_row(tmp_path, tiny_llama_dir, monkeypatch):

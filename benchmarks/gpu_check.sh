@@ -1,0 +1,192 @@
+#!/usr/bin/env bash
+# GPU throughput check: QLoRA steps of a ~1.1B Llama-shaped random-init model, padded vs grouped vs packed.
+#
+#   sh benchmarks/gpu_check.sh                 # from the repository root, on a single-GPU machine
+#   STEPS=40 OUT=/tmp/out sh benchmarks/gpu_check.sh
+#   SMOKE=1 sh benchmarks/gpu_check.sh         # the same script on a CPU with a tiny model: checks it runs
+#
+# No network needed. Beyond torch (CUDA build) and transformers it needs accelerate, peft, bitsandbytes,
+# datasets and sentencepiece (and datasets' own dependencies); missing ones are installed from wheels in
+# $WHEELS (default benchmarks/wheels/), see benchmarks/README.md. Builds its own model (TinyLlama-1.1B shape:
+# hidden 2048, 22 layers, 32 heads, 4 KV heads, vocab 32000, random init, bf16) and data (synthetic
+# Firefly-layout records, median ~300 tokens, long tail, max length 1024), then runs each mode in its own
+# process through our real path (load_model QLoRA 4-bit NF4 + LoRA r16 on every linear layer, gradient
+# checkpointing, bf16; use_packing/make_collator; transformers.Trainer), batch 8, $STEPS steps. Reports label
+# tokens/s over the steps after warm-up and peak GPU memory; writes gpu_check.json/.md to $OUT when set.
+# Modes: padded (random order), group_by_length, packing with SDPA (rows <= max length: dense row x row
+# masks), packing with SDPA in one flat row per batch, and, when flash-attn is importable, group_by_length
+# and packing (one flat row, varlen kernel) with flash_attention_2. Budget: under 8 minutes on an H100.
+set -eu
+
+cd "$(dirname "$0")/.."
+STEPS="${STEPS:-30}"
+WHEELS="${WHEELS:-benchmarks/wheels}"
+WORK="${WORK:-$(mktemp -d)}"
+mkdir -p "$WORK"
+PYTHON="${PYTHON:-python}"
+
+SMOKE="${SMOKE:-}"
+if [ -z "$SMOKE" ]; then
+    "$PYTHON" -c "import torch; assert torch.cuda.is_available(), 'no CUDA GPU'; print(torch.cuda.get_device_name(0))"
+fi
+missing=""
+for module in accelerate peft bitsandbytes datasets sentencepiece; do
+    "$PYTHON" -c "import $module" 2>/dev/null || missing="$missing $module"
+done
+if [ -n "$missing" ]; then
+    echo "installing from $WHEELS:$missing"
+    "$PYTHON" -m pip install -q --no-index --find-links "$WHEELS" $missing
+fi
+
+cat > "$WORK/gpu_check.py" <<'PY'
+import json, os, subprocess, sys, time
+from pathlib import Path
+
+REPO = Path.cwd()
+sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
+WORK, STEPS = Path(sys.argv[1]), int(sys.argv[2])
+SMOKE = bool(os.environ.get("SMOKE"))  # CPU, tiny model: checks the script, measures nothing
+MODEL = {
+    "model_type": "llama", "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22,
+    "num_attention_heads": 32, "num_key_value_heads": 4, "max_position_embeddings": 2048, "rms_norm_eps": 1e-5,
+    "tie_word_embeddings": False, "initializer_range": 0.02, "vocab_size": 32000,
+}
+if SMOKE:
+    MODEL.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+DEVICE = "cpu" if SMOKE else "cuda"
+MODES = {  # name: (our train-args keys, attention implementation)
+    "padded (sdpa)": ({"packing": False, "group_by_length": False}, "sdpa"),
+    "group_by_length (sdpa) = default here": ({}, "sdpa"),
+    "packing, rows <= max length (sdpa)": ({"packing": True}, "sdpa"),
+    "packing, one flat row (sdpa)": ({"packing": True, "packing_row_tokens": 8 * 1024}, "sdpa"),
+    "group_by_length (flash_attention_2)": ({"group_by_length": True}, "flash_attention_2"),
+    "packing, one flat row (flash_attention_2) = default here": ({}, "flash_attention_2"),
+}
+
+
+def prepare():
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from component.demo_assets import build_tokenizer
+    from sft_throughput import firefly_records
+
+    model_dir = WORK / "model"
+    if not (model_dir / "config.json").is_file():
+        tokenizer = build_tokenizer(corpus=["x"], vocab_size=262)  # byte-level; ids < 262 of a 32000 vocab
+        config = AutoConfig.for_model(**{**MODEL, "bos_token_id": tokenizer.bos_token_id,
+                                         "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id})
+        torch.manual_seed(0)
+        with torch.device(DEVICE):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        model.save_pretrained(model_dir)
+        tokenizer.save_pretrained(model_dir)
+        del model
+        rows = firefly_records(100 if SMOKE else 1200, seed=1)
+        (WORK / "train.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), "utf-8")
+
+
+def train_args(keys):
+    return {
+        "model_name_or_path": str(WORK / "model"), "train_file": str(WORK / "train.jsonl"), "max_seq_length": 1024,
+        "finetuning_type": "qlora", "lora_rank": 16, "lora_alpha": 32, "lora_dropout": 0.05,
+        "data_cache_dir": str(WORK / "cache"), "output_dir": str(WORK / "out"), "per_device_train_batch_size": 8,
+        "max_steps": STEPS, "learning_rate": 2e-4, "bf16": not SMOKE, "gradient_checkpointing": True, "logging_steps": 10,
+        "save_strategy": "no", "report_to": "none", "seed": 0, **keys,
+    }
+
+
+def run_mode(name):
+    import torch
+    from transformers import Trainer, TrainerCallback
+    from component.arguments import build_arguments
+    from component.dataset import prepare_sft_data
+    from component.model import load_model, load_tokenizer
+    from component.template import get_template
+    from component.training import make_collator, use_packing
+
+    keys, attention = MODES[name]
+    args, training_args = build_arguments(train_args(keys))
+    tokenizer = load_tokenizer(args.model_name_or_path)
+    data = prepare_sft_data(args, get_template(args.template, tokenizer), training_args)
+    model = load_model(args, training_args.gradient_checkpointing, attn_implementation=attention)
+    packing = use_packing(args, training_args, model)
+    collator = make_collator(args, training_args, tokenizer, packing, model)
+    counts, times = [], []
+
+    def counting(features):
+        batch = collator(features)
+        counts.append((int((batch["labels"][..., 1:] != -100).sum()), batch["input_ids"].numel(),
+                       sum(len(f["input_ids"]) for f in features)))
+        return batch
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, *a, **k):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            times.append(time.perf_counter())
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    trainer = Trainer(model=model, args=training_args, train_dataset=data.train, data_collator=counting,
+                      callbacks=[Clock()])
+    result = trainer.train()
+    warm = min(5, STEPS // 3)  # steps 1..warm: allocator and kernel warm-up, not timed
+    labels = sum(c[0] for c in counts[warm:len(times)])
+    positions = sum(c[1] for c in counts[:len(times)])
+    real = sum(c[2] for c in counts[:len(times)])
+    seconds = times[-1] - times[warm - 1]
+    return {"mode": name, "label_tokens_per_s": labels / seconds, "tokens_per_s": sum(c[2] for c in counts[warm:len(times)]) / seconds,
+            "step_s": seconds / (len(times) - warm), "padding_fraction": 1 - real / positions,
+            "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0, "loss": result.training_loss,
+            "batching": ("packed" if packing else "padded") + f", {training_args.train_sampling_strategy} sampler"
+            + (f", row budget {collator.row_tokens}" if packing else "")}
+
+
+def main():
+    if len(sys.argv) > 3:
+        print("RESULT " + json.dumps(run_mode(sys.argv[3])), flush=True)
+        return
+    import torch
+    start = time.time()
+    prepare()
+    try:
+        import flash_attn  # noqa: F401
+        flash = True
+    except ImportError:
+        flash = False
+    rows = []
+    for name, (_, attention) in MODES.items():
+        if attention == "flash_attention_2" and not flash:
+            print(f"skip {name}: flash-attn is not installed")
+            continue
+        if time.time() - start > 420:
+            print(f"skip {name}: out of the 8-minute budget")
+            continue
+        done = subprocess.run([sys.executable, __file__, str(WORK), str(STEPS), name], capture_output=True, text=True)
+        lines = [l for l in done.stdout.splitlines() if l.startswith("RESULT ")]
+        if done.returncode or not lines:
+            print(f"{name} FAILED:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
+            continue
+        rows.append(json.loads(lines[-1][7:]))
+        print(f"{name}: {rows[-1]['label_tokens_per_s']:.0f} label tokens/s ({time.time() - start:.0f} s)", flush=True)
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU smoke run (tiny model)"
+    device = f"{gpu}, torch {torch.__version__}, flash-attn {'yes' if flash else 'no'}"
+    table = [f"GPU check: {device}; {STEPS} QLoRA steps, batch 8, max length 1024, TinyLlama-1.1B shape",
+             "", "| mode | label tokens/s | tokens/s | s/step | padding | peak GPU GiB | mean loss | batching |",
+             "|---|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        table.append(f"| {r['mode']} | {r['label_tokens_per_s']:.0f} | {r['tokens_per_s']:.0f} | {r['step_s']:.3f} | "
+                     f"{100 * r['padding_fraction']:.0f}% | {r['peak_gpu_gib']:.1f} | {r['loss']:.3f} | {r['batching']} |")
+    print("\n".join(table))
+    out = os.environ.get("OUT")
+    if out:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        Path(out, "gpu_check.json").write_text(json.dumps({"device": device, "rows": rows}, indent=2))
+        Path(out, "gpu_check.md").write_text("\n".join(table) + "\n")
+    print(f"total {time.time() - start:.0f} s")
+
+
+main()
+PY
+
+HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false "$PYTHON" "$WORK/gpu_check.py" "$WORK" "$STEPS"

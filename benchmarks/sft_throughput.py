@@ -1,0 +1,380 @@
+"""SFT throughput: our batching modes against TRL's SFTTrainer, same model, data, examples and settings.
+
+    python benchmarks/sft_throughput.py                       # every mode once, ~10 minutes on 2 CPU cores
+    python benchmarks/sft_throughput.py --repeats 3 --json out.json
+    python benchmarks/sft_throughput.py --modes ours_default trl_default
+
+One tiny Llama-shaped model (hidden 256, 4 layers, 8 heads, byte-level tokenizer: a token per UTF-8 byte),
+fp32, full fine-tuning, AdamW; a synthetic Firefly-layout file (`kind`/`input`/`target`) with a realistic
+length spread (median ~300 tokens, long tail to ~1,900, cut at max length 1024); batch 8, one epoch. Every
+mode sees the same tokenized examples (our cached pipeline; TRL gets the same input_ids and labels) and the
+same training settings; only the batching differs. TRL's `gradient_checkpointing` and `bf16` defaults are
+turned off so that it trains like the others (fp32, no recomputation); everything else of TRL is its default.
+
+Each mode runs in its own process (peak memory is per process), modes are interleaved across repeats so they
+share the machine's conditions, and the table reports the median over repeats:
+label tokens/s (label tokens trained on / wall time of `trainer.train()`), wall time, padding fraction (pad
+positions / positions the model ran on), peak RSS of the process, optimizer steps, and the final loss: the
+label-token-weighted loss of the trained model on 40 held-out records (the same for every mode).
+
+TRL is an optional, benchmark-only dependency (`pip install trl --no-deps`); without it its modes are skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+MODES = {
+    "ours_default": "ours: default (packing: null)",
+    "ours_padded": "ours: padded, random order",
+    "ours_grouped": "ours: group_by_length",
+    "ours_packing": "ours: packing",
+    "trl_default": "TRL SFTTrainer: defaults (padded)",
+    "trl_grouped": "TRL SFTTrainer: group_by_length",
+    "trl_packing": "TRL SFTTrainer: packing=True",
+}
+OUR_KEYS = {
+    "ours_default": {},
+    "ours_padded": {"packing": False, "group_by_length": False},
+    "ours_grouped": {"group_by_length": True},
+    "ours_packing": {"packing": True},
+}
+MODEL_CONFIG = {
+    "model_type": "llama",
+    "hidden_size": 256,
+    "intermediate_size": 688,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 8,
+    "max_position_embeddings": 2048,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": False,
+    "initializer_range": 0.02,
+}
+KINDS = ["Summary", "Translation", "ClassicalChinese", "Poetry", "Couplet", "MRC", "NER", "Cot", "StoryGeneration"]
+# Common characters and punctuation: 3 UTF-8 bytes (3 tokens) each, like real Chinese instruction data.
+HANZI = (
+    "的一是在不了有和人这中大为上个国我以要他时来用们生到作地于出就分对成会可主发年动同工也能下过子说产种面而方后"
+    "多定行学法所民得经十三之进着等部度家电力里如水化高自二理起小物现实加量都两体制机当使点从业本去把性好应开它合还"
+    "因由其些然前外天政四日那社义事平形相全表间样与关各重新线内数正心反你明看原又么利比或但质气第向道命此变条只没结"
+    "，。、：；？！"
+)
+ASCII_WORDS = ["the", "data", "model", "answer", "2023", "AI", "GPU", "OK", "Python", "list", "value", "step"]
+TEMPLATE_OVERHEAD = 24  # <s>Human: ...\n\nAssistant: ...</s> in byte tokens
+
+
+# --- data and model ------------------------------------------------------------------------------------------
+def text_of_tokens(rng: random.Random, tokens: int) -> str:
+    """Mostly Chinese with some ASCII, about `tokens` UTF-8 bytes long."""
+    pieces, size = [], 0
+    while size < tokens:
+        if rng.random() < 0.08:
+            piece = " " + rng.choice(ASCII_WORDS) + " "
+        elif rng.random() < 0.02:
+            piece = "\n"
+        else:
+            piece = rng.choice(HANZI)
+        pieces.append(piece)
+        size += len(piece.encode("utf-8"))
+    return "".join(pieces)
+
+
+def firefly_records(count: int, seed: int = 0, median: int = 300, sigma: float = 0.65, longest: int = 1900) -> list:
+    """Firefly-layout records whose tokenized lengths are log-normal (median ~300), the longest ~`longest`."""
+    rng = random.Random(seed)
+    lengths = [min(longest, max(40, int(math.exp(rng.gauss(math.log(median), sigma))))) for _ in range(count)]
+    lengths[rng.randrange(count)] = longest  # the long tail, whatever the seed drew
+    records = []
+    for total in lengths:
+        body = total - TEMPLATE_OVERHEAD
+        prompt = max(6, int(body * rng.uniform(0.15, 0.45)))
+        records.append(
+            {
+                "kind": rng.choice(KINDS),
+                "input": text_of_tokens(rng, prompt),
+                "target": text_of_tokens(rng, max(3, body - prompt)),
+            }
+        )
+    return records
+
+
+def build_workdir(workdir: Path, records: int, held_out: int) -> None:
+    from component.demo_assets import build_tiny_model, build_tokenizer
+
+    if (workdir / "model" / "config.json").is_file():
+        return
+    workdir.mkdir(parents=True, exist_ok=True)
+    rows = firefly_records(records + held_out)
+    for name, part in (("train.jsonl", rows[:records]), ("eval.jsonl", rows[records:])):
+        (workdir / name).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in part), "utf-8")
+    tokenizer = build_tokenizer(corpus=["x"], vocab_size=262)  # no merges: the 256 bytes and 6 special tokens
+    build_tiny_model(workdir / "model", config=MODEL_CONFIG, seed=0, tokenizer=tokenizer)
+
+
+def train_args(workdir: Path, options: argparse.Namespace, **ours) -> dict:
+    return {
+        "model_name_or_path": str(workdir / "model"),
+        "train_file": str(workdir / "train.jsonl"),
+        "eval_file": str(workdir / "eval.jsonl"),
+        "max_seq_length": options.max_length,
+        "finetuning_type": "full",
+        "data_cache_dir": str(workdir / "cache"),
+        "output_dir": str(workdir / "out"),
+        "per_device_train_batch_size": options.batch_size,
+        "num_train_epochs": 1,
+        "learning_rate": 1e-3,
+        "lr_scheduler_type": "constant",
+        "logging_steps": 5,
+        "save_strategy": "no",
+        "report_to": "none",
+        "seed": 0,
+        **ours,
+    }
+
+
+def load_data(workdir: Path, options: argparse.Namespace, **ours):
+    from component.arguments import build_arguments
+    from component.dataset import prepare_sft_data
+    from component.model import load_tokenizer
+    from component.template import get_template
+
+    args, training_args = build_arguments(train_args(workdir, options, **ours))
+    tokenizer = load_tokenizer(args.model_name_or_path)
+    data = prepare_sft_data(args, get_template(args.template, tokenizer), training_args)
+    return args, training_args, tokenizer, data
+
+
+# --- one mode, in its own process ------------------------------------------------------------------------------
+class CountingCollator:
+    """Wraps a collator: positions the model runs on and label tokens it trains on (labels[..., 1:])."""
+
+    def __init__(self, collator) -> None:
+        self.collator, self.positions, self.label_tokens, self.batches = collator, 0, 0, 0
+
+    def __call__(self, features):
+        batch = self.collator(features)
+        self.positions += batch["input_ids"].numel()
+        self.label_tokens += int((batch["labels"][..., 1:] != -100).sum())
+        self.batches += 1
+        return batch
+
+
+def heldout_loss(model, dataset, pad_token_id: int) -> float:
+    import torch
+
+    from component.collator import PaddingCollator
+
+    model.eval()
+    collate, total, count = PaddingCollator(pad_token_id), 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(dataset), 8):
+            batch = collate([dataset[i] for i in range(start, min(start + 8, len(dataset)))])
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+            labels = batch["labels"][:, 1:]
+            total += float(torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, reduction="sum"))
+            count += int((labels != -100).sum())
+    return total / count
+
+
+def run_mode(mode: str, workdir: Path, options: argparse.Namespace) -> dict:
+    import torch
+
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    if mode.startswith("ours"):
+        trainer, note = our_trainer(mode, workdir, options)
+    else:
+        trainer, note = trl_trainer(mode, workdir, options)
+    counter = CountingCollator(trainer.data_collator)
+    trainer.data_collator = counter
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    result = trainer.train()
+    wall = time.perf_counter() - start
+    rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    _, _, tokenizer, data = load_data(workdir, options)
+    real_tokens = int(sum(data.train["length"]))
+    return {
+        "mode": mode,
+        "note": note,
+        "label_tokens": counter.label_tokens,
+        "label_tokens_per_s": counter.label_tokens / wall,
+        "wall_s": wall,
+        "padding_fraction": 1 - real_tokens / counter.positions,
+        "positions": counter.positions,
+        "peak_rss_mib": rss_peak / 1024,
+        "train_rss_growth_mib": max(0, rss_peak - rss_before) / 1024,
+        "steps": result.global_step,
+        "train_loss": result.training_loss,
+        "final_loss": heldout_loss(trainer.model, data.eval, tokenizer.pad_token_id),
+    }
+
+
+def our_trainer(mode: str, workdir: Path, options: argparse.Namespace):
+    from transformers import Trainer
+
+    from component.model import load_model
+    from component.training import make_collator, resolve_batching, use_packing
+
+    args, training_args, tokenizer, data = load_data(workdir, options, **OUR_KEYS[mode])
+    model = load_model(args, gradient_checkpointing=False)
+    batching = resolve_batching(args, training_args, model)
+    packing = use_packing(args, training_args, model)
+    note = "packed" if packing else "padded, length-grouped" if batching.group_by_length else "padded"
+    collator = make_collator(args, training_args, tokenizer, packing, model)
+    if packing:
+        note += f", rows of {'one batch' if collator.row_tokens is None else f'<= {collator.row_tokens} tokens'}"
+    trainer = Trainer(model=model, args=training_args, train_dataset=data.train, data_collator=collator)
+    return trainer, note
+
+
+def trl_trainer(mode: str, workdir: Path, options: argparse.Namespace):
+    import torch
+    import trl
+    from transformers import AutoModelForCausalLM
+
+    args, training_args, tokenizer, data = load_data(workdir, options)
+    config = trl.SFTConfig(
+        output_dir=str(workdir / "out_trl"),
+        per_device_train_batch_size=options.batch_size,
+        num_train_epochs=1,
+        learning_rate=training_args.learning_rate,
+        lr_scheduler_type=training_args.lr_scheduler_type,
+        logging_steps=training_args.logging_steps,
+        save_strategy="no",
+        report_to="none",
+        seed=0,
+        max_length=options.max_length,
+        packing=mode == "trl_packing",
+        train_sampling_strategy="group_by_length" if mode == "trl_grouped" else "random",
+        gradient_checkpointing=False,  # like every other mode: no recomputation
+        bf16=False,  # fp32 like every other mode
+    )
+    model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=torch.float32)
+    trainer = trl.SFTTrainer(
+        model=model,
+        args=config,
+        train_dataset=data.train.select_columns(["input_ids", "labels"]),  # the same tokens and labels as ours
+        processing_class=tokenizer,
+    )
+    note = f"trl {trl.__version__}" + (", bfd packing into rows of max_length, padding-free" if config.packing else "")
+    return trainer, note
+
+
+# --- the parent: prepare, run every mode interleaved, print the table ------------------------------------------
+def machine() -> str:
+    cpu = next(
+        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if "model name" in line),
+        platform.processor(),
+    )
+    import torch
+    import transformers
+
+    return (
+        f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+        f"transformers {transformers.__version__}, Python {platform.python_version()}"
+    )
+
+
+def median_row(runs: list[dict]) -> dict:
+    row = dict(runs[0])
+    for key in ("label_tokens_per_s", "wall_s", "peak_rss_mib", "train_rss_growth_mib", "final_loss", "train_loss"):
+        row[key] = statistics.median(r[key] for r in runs)
+    row["runs"] = len(runs)
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    base = next((r["label_tokens_per_s"] for r in rows if r["mode"] == "trl_default"), None)
+    lines = [
+        "| mode | label tokens/s | vs TRL default | wall s | padding | peak RSS MiB | steps | final loss | batches |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        ratio = f"{r['label_tokens_per_s'] / base:.2f}x" if base else "-"
+        lines.append(
+            f"| {MODES[r['mode']]} | {r['label_tokens_per_s']:.0f} | {ratio} | {r['wall_s']:.1f} | "
+            f"{100 * r['padding_fraction']:.0f}% | {r['peak_rss_mib']:.0f} | {r['steps']} | {r['final_loss']:.3f} | "
+            f"{r['note']} |"
+        )
+    return "\n".join(lines)
+
+
+def load_average() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
+    parser.add_argument("--records", type=int, default=200)
+    parser.add_argument("--max-length", type=int, default=1024)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per run (0: torch's default)")
+    parser.add_argument("--workdir", type=Path, default=None, help="keep model, data and cache here")
+    parser.add_argument("--json", type=Path, default=None, help="also write every run and the table here")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    options = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    if options.worker:
+        print("RESULT " + json.dumps(run_mode(options.worker, options.workdir, options)), flush=True)
+        return
+
+    with tempfile.TemporaryDirectory() as scratch:
+        workdir = options.workdir or Path(scratch)
+        build_workdir(workdir, options.records, held_out=40)
+        _, _, _, data = load_data(workdir, options)  # tokenize once; every run loads the cache
+        report = data.report["tokens"]
+        modes = list(options.modes)
+        try:
+            import trl  # noqa: F401
+        except ImportError:
+            print("trl is not installed: skipping the TRL modes (pip install trl --no-deps)", file=sys.stderr)
+            modes = [m for m in modes if not m.startswith("trl")]
+        print(f"machine: {machine()}")
+        print(f"data: {len(data.train)} train records, tokens {report}, label tokens {data.report['label_tokens']}")
+        print(f"load average before: {load_average()}", flush=True)
+        runs: dict[str, list[dict]] = {m: [] for m in modes}
+        for repeat in range(options.repeats):
+            order = modes[repeat % len(modes) :] + modes[: repeat % len(modes)]  # interleave: rotate the order
+            for mode in order:
+                command = [sys.executable, __file__, "--worker", mode, "--workdir", str(workdir)]
+                command += ["--max-length", str(options.max_length), "--batch-size", str(options.batch_size)]
+                command += ["--threads", str(options.threads)]
+                done = subprocess.run(command, capture_output=True, text=True)
+                lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+                if done.returncode != 0 or not lines:
+                    raise SystemExit(f"{mode} failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}")
+                run = json.loads(lines[-1][len("RESULT ") :])
+                runs[mode].append(run)
+                print(f"  [{repeat + 1}/{options.repeats}] {mode}: {run['label_tokens_per_s']:.0f} label tokens/s, "
+                      f"{run['wall_s']:.1f} s (load {load_average()})", flush=True)  # fmt: skip
+        rows = [median_row(runs[m]) for m in modes]
+        print(f"load average after: {load_average()}")
+        print(table(rows))
+        if options.json:
+            options.json.write_text(
+                json.dumps({"machine": machine(), "data": data.report["tokens"], "runs": runs, "table": rows}, indent=2)
+            )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
