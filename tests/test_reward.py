@@ -420,3 +420,15 @@ def test_a_16_bit_model_trains_its_score_head_in_fp32(tiny_llama_dir, demo_token
     scores = sequence_scores(model, ids, torch.ones_like(ids))
     pairwise_loss(scores, scores.detach() + 1).backward()
     assert scores.dtype == torch.float32 and all(p.grad is not None for p in trained)
+
+
+def test_reward_keys_are_validated_like_sft_keys(tiny_llama_dir, tmp_path):
+    from component.arguments import ConfigError, RewardArguments, build_arguments
+
+    raw = {"model_name_or_path": str(tiny_llama_dir), "train_file": write_jsonl(tmp_path / "t.jsonl", DEMO_PAIRS[:2])}
+    args, _ = build_arguments({**raw, "output_dir": str(tmp_path), "margin": 0.5}, ours=RewardArguments)
+    assert args.margin == 0.5
+    with pytest.raises(ConfigError, match="Did you mean 'margin'"):
+        build_arguments({**raw, "output_dir": str(tmp_path), "margn": 0.5}, ours=RewardArguments)
+    with pytest.raises(ConfigError, match="margin"):
+        build_arguments({**raw, "output_dir": str(tmp_path)}, {"margin": "wide"}, ours=RewardArguments)
