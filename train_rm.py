@@ -24,7 +24,7 @@ from component.model import load_model, load_tokenizer
 from component.reward import SCORE_HEAD, RewardTrainer, train_score_head_in_fp32
 from component.reward_data import PairCollator, prepare_reward_data
 from component.template import get_template
-from component.training import finish_training, resolve_resume, setup_logging, use_packing
+from component.training import finish_training, packing_row_tokens, resolve_resume, setup_logging, use_packing
 
 logger = logging.getLogger("train_rm")
 
@@ -69,15 +69,13 @@ def main(argv: list[str], callbacks: list | None = None) -> RewardTrainer | None
         pad_token_id=tokenizer.pad_token_id,
     )
     train_score_head_in_fp32(model)
-    packing = use_packing(args, training_args)
-    # A pair is two sequences of up to max_seq_length each.
-    row_tokens = args.packing_row_tokens or 2 * args.max_seq_length * training_args.per_device_train_batch_size
+    packing = use_packing(args, training_args, model)  # chosen and rejected: two segments of a packed row
     trainer = RewardTrainer(
         model=model,
         args=training_args,
         train_dataset=data.train,
         eval_dataset=data.eval,
-        data_collator=PairCollator(tokenizer.pad_token_id, row_tokens if packing else None),
+        data_collator=PairCollator(tokenizer.pad_token_id, packing, packing_row_tokens(args, model)),
         processing_class=tokenizer,
         margin=args.margin,
         callbacks=callbacks,

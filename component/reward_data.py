@@ -157,19 +157,21 @@ def prepare_reward_data(args: RewardArguments, template: Template, training_args
 class PairCollator:
     """A batch of B pairs as 2B sequences: the B chosen first, then the B rejected.
 
-    Padded (row_tokens None): input_ids + attention_mask, right padding; scores are read at each row's last
-    attention_mask == 1. Packed: PackingCollator's padding-free rows (position_ids restart per sequence, no
-    attention_mask) plus `score_index`, the flat (row * width + column) index of each sequence's last token.
+    Padded: input_ids + attention_mask (kept: it locates each sequence's last token), right padding. Packed:
+    PackingCollator's padding-free rows of at most `row_tokens` (None: one flat row; see
+    training.packing_row_tokens), position_ids restarting per sequence, no attention_mask, plus
+    `score_index`, the flat (row * width + column) index of each sequence's last token.
     """
 
     pad_token_id: int
+    packing: bool = False
     row_tokens: int | None = None
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         sequences = [f["chosen_input_ids"] for f in features] + [f["rejected_input_ids"] for f in features]
         rows = [{"input_ids": ids} for ids in sequences]
-        if self.row_tokens is None:
-            return PaddingCollator(pad_token_id=self.pad_token_id)(rows)
+        if not self.packing:
+            return PaddingCollator(pad_token_id=self.pad_token_id, attention_mask=True)(rows)
         batch = PackingCollator(pad_token_id=self.pad_token_id, row_tokens=self.row_tokens)(rows)
         batch["score_index"] = packed_last_tokens(
             [len(ids) for ids in sequences], self.row_tokens, batch["position_ids"]
@@ -177,7 +179,7 @@ class PairCollator:
         return batch
 
 
-def packed_last_tokens(lengths: list[int], row_tokens: int, position_ids: torch.Tensor) -> torch.Tensor:
+def packed_last_tokens(lengths: list[int], row_tokens: int | None, position_ids: torch.Tensor) -> torch.Tensor:
     """Flat index of each sequence's last token in PackingCollator's rows (same pack_rows layout)."""
     width = position_ids.shape[1]
     index = torch.empty(len(lengths), dtype=torch.long)

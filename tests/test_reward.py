@@ -173,7 +173,8 @@ def test_dry_run_reports_skipped_and_too_long_pairs(tmp_path, tiny_llama_dir):
 
 
 # --- packing -------------------------------------------------------------------------------------------
-def test_packed_scores_equal_padded_scores(tiny_llama_dir, demo_tokenizer):
+@pytest.mark.parametrize("row_tokens", [96, None], ids=["rows-of-96", "one-flat-row"])
+def test_packed_scores_equal_padded_scores(tiny_llama_dir, demo_tokenizer, row_tokens):
     from component.arguments import RewardArguments
     from component.model import attach_lora
 
@@ -189,9 +190,9 @@ def test_packed_scores_equal_padded_scores(tiny_llama_dir, demo_tokenizer):
         chosen, rejected = encode_pair(template, pair, None).sequences
         features.append({"chosen_input_ids": chosen, "rejected_input_ids": rejected})
     padded = PairCollator(demo_tokenizer.pad_token_id)(features)
-    packed = PairCollator(demo_tokenizer.pad_token_id, row_tokens=96)(features)
-    assert "attention_mask" not in packed and packed["input_ids"].shape[0] > 1  # several rows, padding-free
-    assert (packed["position_ids"] == 0).sum() > packed["input_ids"].shape[0]  # positions restart per sequence
+    packed = PairCollator(demo_tokenizer.pad_token_id, packing=True, row_tokens=row_tokens)(features)
+    assert "attention_mask" not in packed and (packed["input_ids"].shape[0] == 1) == (row_tokens is None)
+    assert (packed["position_ids"] == 0).sum() >= 10  # positions restart at each of the 10 sequences
     with torch.no_grad():
         from_padded = sequence_scores(model, padded["input_ids"], padded["attention_mask"])
         from_packed = sequence_scores(
