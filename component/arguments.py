@@ -114,8 +114,11 @@ def _type_name(annotation: Any) -> str:
     return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
 
 
-def _coerce(key: str, value: Any, annotation: Any, from_cli: bool) -> Any:
-    """Check (and for CLI strings, convert) one value against its dataclass annotation."""
+def check_value(where: str, value: Any, annotation: Any, from_cli: bool) -> Any:
+    """Check a JSON value (or convert a command-line string) against a dataclass field annotation.
+
+    `where` names the setting in the error message, e.g. "train_args key 'lora_rank'" or "--top_p".
+    """
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(annotation)
@@ -126,48 +129,48 @@ def _coerce(key: str, value: Any, annotation: Any, from_cli: bool) -> Any:
             if option is type(None):
                 continue
             try:
-                return _coerce(key, value, option, from_cli)
+                return check_value(where, value, option, from_cli)
             except ConfigError as error:
                 errors.append(str(error))
-        raise ConfigError(errors[0] if errors else f"train_args key '{key}' must not be null")
+        raise ConfigError(errors[0] if errors else f"{where} must not be null")
     if annotation is Any:
         return json.loads(value) if from_cli and value[:1] in "[{" else value
     if origin in (list, tuple):
         if from_cli and isinstance(value, str):
             value = json.loads(value) if value.startswith("[") else value.split(",")
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"train_args key '{key}' must be a list, got {value!r}")
+            raise ConfigError(f"{where} must be a list, got {value!r}")
         (item_type,) = typing.get_args(annotation)[:1] or (Any,)
-        return [_coerce(key, item, item_type, from_cli) for item in value]
+        return [check_value(where, item, item_type, from_cli) for item in value]
     if origin is dict or annotation is dict:
         if from_cli and isinstance(value, str):
             value = json.loads(value)
         if not isinstance(value, dict):
-            raise ConfigError(f"train_args key '{key}' must be a JSON object, got {value!r}")
+            raise ConfigError(f"{where} must be a JSON object, got {value!r}")
         return value
     if annotation is bool:
         if from_cli and isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
             return value.lower() in ("true", "1", "yes")
         if not isinstance(value, bool):
-            raise ConfigError(f"train_args key '{key}' must be true or false, got {value!r}")
+            raise ConfigError(f"{where} must be true or false, got {value!r}")
         return value
     if annotation is int:
         if from_cli and isinstance(value, str):
             with contextlib.suppress(ValueError):
                 value = int(value)
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"train_args key '{key}' must be an integer, got {value!r}")
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
         return value
     if annotation is float:
         if from_cli and isinstance(value, str):
             with contextlib.suppress(ValueError):
                 value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"train_args key '{key}' must be a number, got {value!r}")
+            raise ConfigError(f"{where} must be a number, got {value!r}")
         return value  # an int stays an int: warmup_steps reads 20 as steps and 0.03 as a ratio
     if annotation is str:
         if not isinstance(value, str):
-            raise ConfigError(f"train_args key '{key}' must be a string, got {value!r}")
+            raise ConfigError(f"{where} must be a string, got {value!r}")
         return value
     if isinstance(annotation, type) and issubclass(annotation, str):  # str-valued enums of TrainingArguments
         return annotation(value).value if hasattr(annotation, "_value2member_map_") else value
@@ -251,7 +254,7 @@ def build_arguments(
         spec = our_fields.get(key) or hf_fields.get(key)
         if spec is None:
             raise ConfigError(f"{source}: unknown key '{key}'.{_closest(key, valid)}")
-        value = _coerce(key, value, spec.type, from_cli)
+        value = check_value(f"train_args key '{key}'", value, spec.type, from_cli)
         allowed = spec.metadata.get("choices") if spec.metadata else None
         if allowed is not None and value not in allowed:
             shown = ", ".join(json.dumps(c) for c in allowed)

@@ -15,7 +15,6 @@ import json
 import logging
 import math
 import time
-import types
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,7 +24,7 @@ from typing import Any, TextIO
 import torch
 from transformers import TextStreamer
 
-from component.arguments import ConfigError, _closest
+from component.arguments import ConfigError, _closest, check_value
 from component.conversation import Conversation, Turn
 from component.model import compute_dtype, load_tokenizer, quantization_config
 from component.report import CompareResult, write_reports
@@ -245,12 +244,6 @@ def _hints(cls: type) -> dict[str, Any]:
 
 def _check_type(where: str, value: Any, annotation: Any, from_cli: bool) -> Any:
     """Check a JSON value (or convert a command-line string) against a field annotation."""
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        if value is None or (from_cli and value in ("null", "None", "none")):
-            return None
-        (inner,) = [a for a in typing.get_args(annotation) if a is not type(None)]
-        return _check_type(where, value, inner, from_cli)
     if annotation is Any:  # preset: a name or a list of names
         if from_cli and isinstance(value, str):
             value = json.loads(value) if value.startswith("[") else value.split(",")
@@ -258,23 +251,7 @@ def _check_type(where: str, value: Any, annotation: Any, from_cli: bool) -> Any:
         if isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value)):
             return value
         raise ConfigError(f"{where} must be a preset name or a list of names, got {value!r}")
-    if annotation is bool:
-        if from_cli and isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return value.lower() in ("true", "1", "yes")
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where} must be true or false, got {value!r}")
-        return value
-    if annotation in (int, float):
-        if from_cli and isinstance(value, str):
-            with contextlib.suppress(ValueError):
-                value = annotation(value)
-        ok = isinstance(value, int) if annotation is int else isinstance(value, (int, float))
-        if isinstance(value, bool) or not ok:
-            raise ConfigError(f"{where} must be {'an integer' if annotation is int else 'a number'}, got {value!r}")
-        return annotation(value)
-    if not isinstance(value, str):
-        raise ConfigError(f"{where} must be a string, got {value!r}")
-    return value
+    return check_value(where, value, annotation, from_cli)
 
 
 def _read_json_object(path: str, what: str) -> dict[str, Any]:
