@@ -13,9 +13,10 @@
 # process through our real path (load_model QLoRA 4-bit NF4 + LoRA r16 on every linear layer, gradient
 # checkpointing, bf16; use_packing/make_collator; transformers.Trainer), batch 8, $STEPS steps. Reports label
 # tokens/s over the steps after warm-up and peak GPU memory; writes gpu_check.json/.md to $OUT when set.
-# Modes: padded (random order), group_by_length, packing with SDPA (rows <= max length: dense row x row
-# masks), packing with SDPA in one flat row per batch, and, when flash-attn is importable, group_by_length
-# and packing (one flat row, varlen kernel) with flash_attention_2. Budget: under 8 minutes on an H100.
+# Modes: padded (random order), group_by_length, our default with SDPA (packing, rows of at most the batch's
+# longest example: dense row x row masks), packing with SDPA in one flat row per batch, and, when flash-attn
+# is importable, group_by_length and our default (one flat row, varlen kernel) with flash_attention_2.
+# Budget: under 8 minutes on an H100.
 set -eu
 
 cd "$(dirname "$0")/.."
@@ -55,12 +56,12 @@ if SMOKE:
     MODEL.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 DEVICE = "cpu" if SMOKE else "cuda"
 MODES = {  # name: (our train-args keys, attention implementation)
-    "padded (sdpa)": ({"packing": False, "group_by_length": False}, "sdpa"),
-    "group_by_length (sdpa) = default here": ({}, "sdpa"),
-    "packing, rows <= max length (sdpa)": ({"packing": True}, "sdpa"),
+    "padded (sdpa)": ({"packing": False}, "sdpa"),
+    "group_by_length (sdpa)": ({"group_by_length": True}, "sdpa"),
+    "default = packing, rows <= longest example (sdpa)": ({}, "sdpa"),
     "packing, one flat row (sdpa)": ({"packing": True, "packing_row_tokens": 8 * 1024}, "sdpa"),
     "group_by_length (flash_attention_2)": ({"group_by_length": True}, "flash_attention_2"),
-    "packing, one flat row (flash_attention_2) = default here": ({}, "flash_attention_2"),
+    "default = packing, one flat row (flash_attention_2)": ({}, "flash_attention_2"),
 }
 
 

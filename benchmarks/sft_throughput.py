@@ -142,7 +142,7 @@ def train_args(workdir: Path, options: argparse.Namespace, **ours) -> dict:
         "logging_steps": 5,
         "save_strategy": "no",
         "report_to": "none",
-        "seed": 0,
+        "seed": options.seed,
         **ours,
     }
 
@@ -202,11 +202,12 @@ def run_mode(mode: str, workdir: Path, options: argparse.Namespace) -> dict:
         trainer, note = trl_trainer(mode, workdir, options)
     counter = CountingCollator(trainer.data_collator)
     trainer.data_collator = counter
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    usage = resource.getrusage(resource.RUSAGE_SELF)
     start = time.perf_counter()
     result = trainer.train()
     wall = time.perf_counter() - start
-    rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = after.ru_utime + after.ru_stime - usage.ru_utime - usage.ru_stime
     _, _, tokenizer, data = load_data(workdir, options)
     real_tokens = int(sum(data.train["length"]))
     return {
@@ -217,8 +218,10 @@ def run_mode(mode: str, workdir: Path, options: argparse.Namespace) -> dict:
         "wall_s": wall,
         "padding_fraction": 1 - real_tokens / counter.positions,
         "positions": counter.positions,
-        "peak_rss_mib": rss_peak / 1024,
-        "train_rss_growth_mib": max(0, rss_peak - rss_before) / 1024,
+        "cpu_s": cpu,
+        "label_tokens_per_cpu_s": counter.label_tokens / cpu,
+        "peak_rss_mib": after.ru_maxrss / 1024,
+        "train_rss_growth_mib": max(0, after.ru_maxrss - usage.ru_maxrss) / 1024,
         "steps": result.global_step,
         "train_loss": result.training_loss,
         "final_loss": heldout_loss(trainer.model, data.eval, tokenizer.pad_token_id),
@@ -238,7 +241,9 @@ def our_trainer(mode: str, workdir: Path, options: argparse.Namespace):
     note = "packed" if packing else "padded, length-grouped" if batching.group_by_length else "padded"
     collator = make_collator(args, training_args, tokenizer, packing, model)
     if packing:
-        note += f", rows of {'one batch' if collator.row_tokens is None else f'<= {collator.row_tokens} tokens'}"
+        rows = collator.row_tokens
+        note += ", one flat row per batch" if rows is None else f", rows of at most {rows}"
+        note += " example of the batch" if rows == "longest" else "" if rows is None else " tokens"
     trainer = Trainer(model=model, args=training_args, train_dataset=data.train, data_collator=collator)
     return trainer, note
 
@@ -258,7 +263,7 @@ def trl_trainer(mode: str, workdir: Path, options: argparse.Namespace):
         logging_steps=training_args.logging_steps,
         save_strategy="no",
         report_to="none",
-        seed=0,
+        seed=options.seed,
         max_length=options.max_length,
         packing=mode == "trl_packing",
         train_sampling_strategy="group_by_length" if mode == "trl_grouped" else "random",
@@ -279,7 +284,11 @@ def trl_trainer(mode: str, workdir: Path, options: argparse.Namespace):
 # --- the parent: prepare, run every mode interleaved, print the table ------------------------------------------
 def machine() -> str:
     cpu = next(
-        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if "model name" in line),
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if "model name" in line
+        ),
         platform.processor(),
     )
     import torch
@@ -293,7 +302,8 @@ def machine() -> str:
 
 def median_row(runs: list[dict]) -> dict:
     row = dict(runs[0])
-    for key in ("label_tokens_per_s", "wall_s", "peak_rss_mib", "train_rss_growth_mib", "final_loss", "train_loss"):
+    keys = ("label_tokens_per_s", "wall_s", "cpu_s", "label_tokens_per_cpu_s", "peak_rss_mib", "train_rss_growth_mib")
+    for key in (*keys, "final_loss", "train_loss"):
         row[key] = statistics.median(r[key] for r in runs)
     row["runs"] = len(runs)
     return row
@@ -302,13 +312,15 @@ def median_row(runs: list[dict]) -> dict:
 def table(rows: list[dict]) -> str:
     base = next((r["label_tokens_per_s"] for r in rows if r["mode"] == "trl_default"), None)
     lines = [
-        "| mode | label tokens/s | vs TRL default | wall s | padding | peak RSS MiB | steps | final loss | batches |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| mode | label tokens/s | vs TRL default | wall s | label tokens/CPU-s | padding | peak RSS MiB | steps "
+        "| final loss | batches |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         ratio = f"{r['label_tokens_per_s'] / base:.2f}x" if base else "-"
         lines.append(
             f"| {MODES[r['mode']]} | {r['label_tokens_per_s']:.0f} | {ratio} | {r['wall_s']:.1f} | "
+            f"{r['label_tokens_per_cpu_s']:.0f} | "
             f"{100 * r['padding_fraction']:.0f}% | {r['peak_rss_mib']:.0f} | {r['steps']} | {r['final_loss']:.3f} | "
             f"{r['note']} |"
         )
@@ -326,6 +338,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--max-length", type=int, default=1024)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0, help="training seed: initial order of the examples")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per run (0: torch's default)")
     parser.add_argument("--workdir", type=Path, default=None, help="keep model, data and cache here")
     parser.add_argument("--json", type=Path, default=None, help="also write every run and the table here")
@@ -358,7 +371,7 @@ def main(argv: list[str]) -> None:
             for mode in order:
                 command = [sys.executable, __file__, "--worker", mode, "--workdir", str(workdir)]
                 command += ["--max-length", str(options.max_length), "--batch-size", str(options.batch_size)]
-                command += ["--threads", str(options.threads)]
+                command += ["--threads", str(options.threads), "--seed", str(options.seed)]
                 done = subprocess.run(command, capture_output=True, text=True)
                 lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
                 if done.returncode != 0 or not lines:

@@ -59,21 +59,19 @@ class FinetuneArguments:
     data_cache_dir: str | None = field(default=None, metadata={"help": "Tokenized-dataset cache folder."})
     overwrite_cache: bool = field(default=False, metadata={"help": "Re-tokenize even when a cache exists."})
     packing: bool | None = field(
-        default=None, metadata={"help": "Padding-free packed batches; null = choose by device (docs/throughput.md)."}
+        default=None,
+        metadata={"help": "Padding-free packed batches; null = pack unless group_by_length (docs/throughput.md)."},
     )
     packing_row_tokens: int | None = field(
         default=None,
         metadata={
-            "help": "Token budget of one packed row where attention has no varlen kernel; null = max_seq_length "
-            "(a varlen kernel gets one flat row per batch)."
+            "help": "Token budget of one packed row where attention has no varlen kernel; null = the batch's "
+            "longest example (a varlen kernel gets one flat row per batch)."
         },
     )
-    group_by_length: bool | None = field(
-        default=None,
-        metadata={
-            "help": "Padded batches of similar lengths (Trainer's length-grouped sampler); null = on whenever "
-            "batches are padded (docs/throughput.md)."
-        },
+    group_by_length: bool = field(
+        default=False,
+        metadata={"help": "Padded batches of similar lengths (Trainer's length-grouped sampler) instead of packing."},
     )
     finetuning_type: str = field(default="lora", metadata=choices(*FINETUNING_TYPES))
     quantization: str | None = field(default=None, metadata=choices(*QUANTIZATIONS))

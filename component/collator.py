@@ -9,6 +9,7 @@ component/training.py (docs/throughput.md).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -52,13 +53,16 @@ class PaddingCollator:
         return out
 
 
-def pack_rows(lengths: list[int], row_tokens: int | None) -> list[list[int]]:
+def pack_rows(lengths: list[int], row_tokens: int | Literal["longest"] | None) -> list[list[int]]:
     """First-fit-decreasing bin packing of example indices into rows of at most row_tokens tokens.
 
-    `row_tokens=None` puts every example in one row. An example longer than the budget gets a row of its own.
+    `row_tokens=None` puts every example in one row; `"longest"` uses the longest example as the budget. An
+    example longer than the budget gets a row of its own.
     """
     if row_tokens is None:
         return [list(range(len(lengths)))]
+    if row_tokens == "longest":
+        row_tokens = max(lengths)
     rows: list[list[int]] = []
     free: list[int] = []
     for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
@@ -80,12 +84,14 @@ class PackingCollator:
 
     `row_tokens=None` gives one flat row per batch: the layout varlen kernels need (transformers' flash-attention
     path reads the position_ids restarts only when the batch has a single row). A budget gives several rows,
-    which keeps the dense row x row mask of SDPA/eager attention small. Rows of one batch are padded to the
-    longest row with a pad segment (its own position_ids from 0, labels -100), which attends only to itself.
+    which keeps the dense row x row mask of SDPA/eager attention small; `"longest"` makes the budget the batch's
+    longest example, so a packed batch never has more positions, nor more attention work, than the same batch
+    padded. Rows of one batch are padded to the longest row with a pad segment (its own position_ids from 0,
+    labels -100), which attends only to itself.
     """
 
     pad_token_id: int
-    row_tokens: int | None = None
+    row_tokens: int | Literal["longest"] | None = None
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         lengths = [len(f["input_ids"]) for f in features]

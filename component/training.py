@@ -59,49 +59,47 @@ class Batching:
 
 
 def resolve_batching(args: FinetuneArguments, training_args: TrainingArguments, model=None) -> Batching:
-    """The batching rule of docs/throughput.md; explicit keys always win.
+    """The batching rule of docs/throughput.md; explicit keys win.
 
-    `packing: null` packs only where a varlen kernel exists (there packing costs no cross-example attention);
-    elsewhere padded batches grouped by length are faster, since SDPA would attend over each packed row whole.
-    `group_by_length: null` groups whenever batches are padded.
+    `packing: null` packs unless length grouping is asked for: packed batches hold the same examples as padded
+    ones (the same loss and gradients, tested), only without the padding work. The row layout follows the
+    attention (packing_row_tokens): one flat row for a varlen kernel, else rows of the batch's longest example.
     """
-    sampler_groups = training_args.train_sampling_strategy == "group_by_length"
+    grouped = args.group_by_length or training_args.train_sampling_strategy == "group_by_length"
     if args.packing is not None:
-        packing, reason = args.packing, "packing set in the train args"
-    elif args.group_by_length or sampler_groups:
-        packing, reason = False, "group_by_length set in the train args"
-    elif varlen_attention_available(model):
-        packing, reason = True, "packing: null and the model runs a varlen attention kernel"
-    else:
-        packing, reason = False, "packing: null and no varlen attention kernel (SDPA would attend over whole rows)"
-    if packing:
-        return Batching(True, False, reason)
-    grouped = args.group_by_length if args.group_by_length is not None else True
-    return Batching(False, grouped or sampler_groups, reason)
+        reason = "packing set in the train args"
+        return Batching(args.packing, grouped and not args.packing, reason)
+    if grouped:
+        return Batching(False, True, "group_by_length set in the train args")
+    kernel = "a varlen attention kernel" if varlen_attention_available(model) else "no varlen attention kernel"
+    return Batching(True, False, f"packing: null, {kernel}")
 
 
 def use_packing(args: FinetuneArguments, training_args: TrainingArguments, model=None) -> bool:
-    """Resolve the batching (see resolve_batching), switch the Trainer's sampler to it; True = packed batches."""
+    """Resolve the batching (see resolve_batching), set the Trainer's sampler to it; True = packed batches."""
     batching = resolve_batching(args, training_args, model)
     if batching.group_by_length:
         training_args.train_sampling_strategy = "group_by_length"  # the Trainer reads our `length` column
-    logger.info(
-        "Batching: %s (%s)",
-        "packed" if batching.packing else "padded, length-grouped" if batching.group_by_length else "padded",
-        batching.reason,
-    )
+    shape = "padded, length-grouped" if batching.group_by_length else "padded"
+    if batching.packing:
+        rows = packing_row_tokens(args, model)
+        shape = f"packed, {'one flat row per batch' if rows is None else f'rows of at most {rows} tokens'}"
+        if rows == "longest":
+            shape = "packed, rows of at most the batch's longest example"
+    logger.info("Batching: %s (%s)", shape, batching.reason)
     return batching.packing
 
 
-def packing_row_tokens(args: FinetuneArguments, model=None) -> int | None:
-    """Row budget of packed batches: one flat row for varlen kernels, else rows of at most max_seq_length.
+def packing_row_tokens(args: FinetuneArguments, model=None) -> int | str | None:
+    """Row budget of packed batches: one flat row for a varlen kernel, else `packing_row_tokens` or "longest".
 
-    A dense-mask attention pays row x row per row, so rows no longer than one example's limit cost at most
-    what a padded batch of the longest example costs; a varlen kernel needs the single flat row.
+    A varlen kernel needs the single flat row and does no cross-example work in it. Dense-mask attention (SDPA,
+    eager, our Baichuan) pays row x row per row: rows no longer than the batch's longest example keep that
+    below what padding the batch would cost.
     """
     if varlen_attention_available(model):
         return None
-    return args.packing_row_tokens or args.max_seq_length
+    return args.packing_row_tokens or "longest"
 
 
 def make_collator(args: FinetuneArguments, training_args: TrainingArguments, tokenizer, packing: bool, model=None):

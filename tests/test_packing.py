@@ -17,7 +17,7 @@ from component.arguments import ConfigError, build_arguments
 from component.collator import PackingCollator, PaddingCollator, pack_rows
 from component.conversation import Conversation, Turn
 from component.template import IGNORE_INDEX, get_template
-from component.training import make_collator, packing_row_tokens, resolve_batching, use_packing
+from component.training import Batching, make_collator, packing_row_tokens, resolve_batching, use_packing
 from tests.conftest import SHARED_FIXTURES
 
 # (prompt tokens, reply tokens): very different lengths, one example with a single label token, one trained from
@@ -92,16 +92,18 @@ def test_pack_rows_places_every_example_once_within_the_budget():
     assert all(sum(lengths[i] for i in row) <= 1024 for row in rows)
     assert len(rows) == 4  # first-fit decreasing: 1024 | 900+30+10+7 | 500+480 | 300
     assert pack_rows(lengths, None) == [list(range(len(lengths)))]
+    assert pack_rows(lengths, "longest") == rows  # the longest example here is 1024
     assert pack_rows([2000, 5], 1024) == [[0], [1]]  # longer than the budget: a row of its own
 
 
-@pytest.mark.parametrize("row_tokens", [None, 160])
+@pytest.mark.parametrize("row_tokens", [None, 160, "longest"])
 def test_packed_layout_restarts_positions_and_never_predicts_across_examples(row_tokens):
     examples = make_examples(400)
     batch = PackingCollator(pad_token_id=3, row_tokens=row_tokens)(examples)
     assert set(batch) == {"input_ids", "position_ids", "labels"}  # no attention_mask: segments from position_ids
-    rows = pack_rows([len(e["input_ids"]) for e in examples], row_tokens)
-    assert batch["input_ids"].shape[0] == len(rows) == (1 if row_tokens is None else 2)
+    lengths = [len(e["input_ids"]) for e in examples]
+    rows = pack_rows(lengths, row_tokens)
+    assert batch["input_ids"].shape[0] == len(rows) == {None: 1, 160: 2, "longest": 2}[row_tokens]
     for r, row in enumerate(rows):
         start = 0
         for index in row:
@@ -141,13 +143,14 @@ def test_packing_keeps_every_templates_labels(demo_tokenizer, template_name):
 
 # --- exact equality with one example at a time ------------------------------------------------------------------
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("layout", ["one_row", "row_budget", "padded", "padded_no_mask"])
+@pytest.mark.parametrize("layout", ["one_row", "row_budget", "longest", "padded", "padded_no_mask"])
 def test_batch_loss_and_grads_equal_one_example_at_a_time(tiny_llama, attn, layout):
     tiny_llama.set_attn_implementation(attn)
     examples = make_examples(tiny_llama.config.vocab_size)
     collator = {
         "one_row": PackingCollator(pad_token_id=0),
         "row_budget": PackingCollator(pad_token_id=0, row_tokens=160),
+        "longest": PackingCollator(pad_token_id=0, row_tokens="longest"),
         "padded": PaddingCollator(pad_token_id=0),
         "padded_no_mask": PaddingCollator(pad_token_id=0, attention_mask=False),  # right padding: mask not needed
     }[layout]
@@ -191,7 +194,7 @@ def test_qlora_packed_loss_and_lora_grads_equal_one_example_at_a_time(tiny_llama
 
 
 @pytest.mark.parametrize("folder", ["baichuan_13b_h4", "baichuan2_7b_h4"])  # ALiBi; RoPE + NormHead
-@pytest.mark.parametrize("row_tokens", [None, 100])
+@pytest.mark.parametrize("row_tokens", [None, "longest"])
 def test_baichuan_packed_loss_and_grads_equal_one_example_at_a_time(folder, row_tokens):
     if not (BAICHUAN_REF / folder).is_dir():
         pytest.skip(f"Baichuan reference folder {BAICHUAN_REF / folder} not found")
@@ -220,39 +223,42 @@ class _FlashModel:
         _attn_implementation = "flash_attention_2"
 
 
-def test_default_batching_on_cpu_is_length_grouped_padding(tmp_path, tiny_llama_dir, tiny_llama):
+def test_default_without_a_varlen_kernel_packs_rows_of_the_longest_example(tmp_path, tiny_llama_dir, tiny_llama):
     args, training_args = _args(tmp_path, tiny_llama_dir)
-    assert (args.packing, args.group_by_length) == (None, None)
-    assert use_packing(args, training_args, tiny_llama) is False
-    assert training_args.train_sampling_strategy == "group_by_length"
-    collator = make_collator(args, training_args, _Tokenizer(), False, tiny_llama)
-    assert isinstance(collator, PaddingCollator)
-    batch = collator(make_examples(100)[:3])
-    assert "attention_mask" not in batch and (batch["labels"][batch["input_ids"] == 0] == IGNORE_INDEX).all()
+    assert (args.packing, args.group_by_length) == (None, False)
+    assert use_packing(args, training_args, tiny_llama) is True
+    assert training_args.train_sampling_strategy == "random"  # the same examples per step as padded batches
+    collator = make_collator(args, training_args, _Tokenizer(), True, tiny_llama)
+    assert isinstance(collator, PackingCollator) and collator.row_tokens == "longest"
+    examples = make_examples(100)
+    batch = collator(examples)
+    longest = max(len(e["input_ids"]) for e in examples)
+    assert batch["input_ids"].shape[1] == longest  # never wider than the same batch padded
+    assert batch["input_ids"].numel() < len(examples) * longest
 
 
-def test_default_batching_with_a_varlen_kernel_is_one_flat_packed_row(tmp_path, tiny_llama_dir, monkeypatch):
+def test_default_with_a_varlen_kernel_is_one_flat_packed_row(tmp_path, tiny_llama_dir, monkeypatch):
     args, training_args = _args(tmp_path, tiny_llama_dir, packing_row_tokens=256)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # after TrainingArguments picked its device
     batching = resolve_batching(args, training_args, _FlashModel())
     assert (batching.packing, batching.group_by_length) == (True, False)
     collator = make_collator(args, training_args, _Tokenizer(), True, _FlashModel())
     assert isinstance(collator, PackingCollator) and collator.row_tokens is None  # flash reads one flat row only
-    assert resolve_batching(args, training_args, None).packing is False  # SDPA model: grouping
+    assert packing_row_tokens(args, None) == 256  # SDPA: the configured budget
 
 
-def test_explicit_keys_win(tmp_path, tiny_llama_dir, monkeypatch):
-    args, training_args = _args(tmp_path, tiny_llama_dir, packing=True)
-    assert resolve_batching(args, training_args).packing is True
-    assert packing_row_tokens(args) == args.max_seq_length  # SDPA: rows of at most one example's limit
-    args, training_args = _args(tmp_path, tiny_llama_dir, packing=False, group_by_length=False)
+def test_explicit_keys_win(tmp_path, tiny_llama_dir):
+    args, training_args = _args(tmp_path, tiny_llama_dir, packing=False)
     assert use_packing(args, training_args) is False
     assert training_args.train_sampling_strategy == "random"
-    args, training_args = _args(tmp_path, tiny_llama_dir, group_by_length=True)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert resolve_batching(args, training_args, _FlashModel()) == resolve_batching(args, training_args)
-    assert resolve_batching(args, training_args).group_by_length is True
-    monkeypatch.undo()
+    collator = make_collator(args, training_args, _Tokenizer(), False)
+    batch = collator(make_examples(100)[:3])  # padded, right side: no mask needed (see PaddingCollator)
+    assert "attention_mask" not in batch and (batch["labels"][batch["input_ids"] == 0] == IGNORE_INDEX).all()
+    for keys in ({"group_by_length": True}, {"train_sampling_strategy": "group_by_length"}):
+        args, training_args = _args(tmp_path, tiny_llama_dir, **keys)
+        assert resolve_batching(args, training_args) == Batching(False, True, "group_by_length set in the train args")
+        assert use_packing(args, training_args) is False
+        assert training_args.train_sampling_strategy == "group_by_length"
     with pytest.raises(ConfigError, match="exclude each other"):
         _args(tmp_path, tiny_llama_dir, packing=True, group_by_length=True)
     with pytest.raises(ConfigError, match="exclude each other"):
