@@ -157,6 +157,16 @@ def test_batch_loss_and_grads_equal_one_example_at_a_time(tiny_llama, attn, layo
     assert_same_loss_and_grads(tiny_llama, examples, collator(examples))
 
 
+def test_packed_grads_with_gradient_checkpointing(tiny_llama_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()  # checkpointing recomputes only in training mode
+    examples = make_examples(model.config.vocab_size)
+    assert_same_loss_and_grads(model, examples, PackingCollator(pad_token_id=0, row_tokens="longest")(examples))
+
+
 def test_changing_one_example_leaves_the_others_logits_unchanged(tiny_llama):
     tiny_llama.set_attn_implementation("sdpa")
     examples = make_examples(tiny_llama.config.vocab_size)
