@@ -227,6 +227,9 @@ def qlora_run(tmp_path_factory, tiny_llama_dir):
         "output_dir": str(tmp / "out"),
         "data_cache_dir": str(tmp / "cache"),
         "seed": 3,
+        # Padded, as the scorer batches: 4-bit CPU kernels round differently for other batch shapes (~1e-3),
+        # and this test compares scores to 1e-4. Packed == padded is tested in fp32 above.
+        "packing": False,
     }
     trainer = train_rm.main(["--train_args_file", write_args(tmp, "qlora", **args)])
     return trainer, Path(args["output_dir"]), eval_rows
