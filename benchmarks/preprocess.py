@@ -137,21 +137,28 @@ def main(argv: list[str]) -> None:
         for phase in ("first", "cached"):
             command = [sys.executable, __file__, "--worker", phase, "--workdir", str(workdir)]
             command += ["--num-proc", str(options.num_proc), "--template", template]
+            started = time.perf_counter()
             done = subprocess.run(command, capture_output=True, text=True)
+            process_seconds = time.perf_counter() - started
             lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
             if done.returncode != 0 or not lines:
                 raise SystemExit(f"{phase} run failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}")
-            results[phase] = json.loads(lines[-1][len("RESULT ") :])
+            results[phase] = {**json.loads(lines[-1][len("RESULT ") :]), "process_seconds": process_seconds}
         first, cached = results["first"], results["cached"]
         assert cached["from_cache"] and not first["from_cache"]
         print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-        print("| run | seconds | records/s | 1.1M Firefly records (estimate) |")
-        print("|---|---:|---:|---:|")
-        for name, run in (("first (read, tokenize, write cache)", first), ("cached (load)", cached)):
-            rate = options.records / run["seconds"]
-            estimate = FIREFLY_RECORDS / rate if name.startswith("first") else run["seconds"]
-            note = f"{estimate / 60:.1f} min" if name.startswith("first") else "seconds (memory-mapped Arrow)"
-            print(f"| {name} | {run['seconds']:.1f} | {rate:,.0f} | {note} |")
+        print("| run | prepare_sft_data s | whole process s | records/s | 1.1M Firefly records (estimate) |")
+        print("|---|---:|---:|---:|---:|")
+        rate = options.records / first["seconds"]
+        estimate = f"{FIREFLY_RECORDS / rate / 60:.1f} min"
+        print(
+            f"| first (read, tokenize, write cache) | {first['seconds']:.1f} | {first['process_seconds']:.1f} | "
+            f"{rate:,.0f} | {estimate} |"
+        )
+        print(
+            f"| cached (load) | {cached['seconds']:.2f} | {cached['process_seconds']:.1f} | - | about the same "
+            "(memory-mapped Arrow) |"
+        )
         print("first-run stages: " + ", ".join(f"{k} {v:.1f} s" for k, v in first["stages"].items()))
         print(f"examples kept: {first['examples']}")
 

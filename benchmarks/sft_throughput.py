@@ -3,6 +3,7 @@
     python benchmarks/sft_throughput.py                       # every mode once, ~10 minutes on 2 CPU cores
     python benchmarks/sft_throughput.py --repeats 3 --json out.json
     python benchmarks/sft_throughput.py --modes ours_default trl_default
+    python benchmarks/sft_throughput.py --attention-study      # why: forward+backward per batch layout
 
 One tiny Llama-shaped model (hidden 256, 4 layers, 8 heads, byte-level tokenizer: a token per UTF-8 byte),
 fp32, full fine-tuning, AdamW; a synthetic Firefly-layout file (`kind`/`input`/`target`) with a realistic
@@ -242,8 +243,8 @@ def our_trainer(mode: str, workdir: Path, options: argparse.Namespace):
     collator = make_collator(args, training_args, tokenizer, packing, model)
     if packing:
         rows = collator.row_tokens
-        note += ", one flat row per batch" if rows is None else f", rows of at most {rows}"
-        note += " example of the batch" if rows == "longest" else "" if rows is None else " tokens"
+        shapes = {None: "one flat row per batch", "longest": "rows of at most the batch's longest example"}
+        note += ", " + shapes.get(rows, f"rows of at most {rows} tokens")
     trainer = Trainer(model=model, args=training_args, train_dataset=data.train, data_collator=collator)
     return trainer, note
 
@@ -279,6 +280,70 @@ def trl_trainer(mode: str, workdir: Path, options: argparse.Namespace):
     )
     note = f"trl {trl.__version__}" + (", bfd packing into rows of max_length, padding-free" if config.packing else "")
     return trainer, note
+
+
+# --- why: the model's forward + backward under each batch layout ------------------------------------------------
+def attention_study(workdir: Path, options: argparse.Namespace) -> str:
+    """Forward + backward of the epoch's batches under each layout, interleaved batch by batch in one process.
+
+    No optimizer, no Trainer: only what the model does with each layout. "attention work" is the sum over rows
+    of the attended (query, key) pairs: a causal row without a mask counts L^2/2 (SDPA skips the upper
+    triangle), a row with a mask L^2 (the whole square is computed, masked blocks included).
+    """
+    import torch
+
+    from component.collator import PackingCollator, PaddingCollator
+
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    args, _, tokenizer, data = load_data(workdir, options)
+    from component.model import load_model
+
+    model = load_model(args, gradient_checkpointing=False)
+    model.train()
+    rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in data.train]
+    generator = torch.Generator().manual_seed(options.seed)
+    order = torch.randperm(len(rows), generator=generator).tolist()
+    by_length = sorted(range(len(rows)), key=lambda i: -len(rows[i]["input_ids"]))
+    size = options.batch_size
+    random_batches = [[rows[i] for i in order[j : j + size]] for j in range(0, len(rows), size)]
+    sorted_batches = [[rows[i] for i in by_length[j : j + size]] for j in range(0, len(rows), size)]
+    pad = tokenizer.pad_token_id
+    layouts = {
+        "padded, mask (TRL default)": (PaddingCollator(pad), random_batches),
+        "padded, no mask (ours, packing: false)": (PaddingCollator(pad, attention_mask=False), random_batches),
+        "sorted by length, no mask (ideal grouping)": (PaddingCollator(pad, attention_mask=False), sorted_batches),
+        "packed, one flat row per batch": (PackingCollator(pad, None), random_batches),
+        f"packed, rows <= {options.max_length} tokens": (PackingCollator(pad, options.max_length), random_batches),
+        "packed, rows <= longest example (ours)": (PackingCollator(pad, "longest"), random_batches),
+    }
+    batches = {name: [collate(b) for b in bs] for name, (collate, bs) in layouts.items()}
+    seconds = dict.fromkeys(layouts, 0.0)
+    for index in range(len(random_batches)):
+        for name in layouts:
+            start = time.perf_counter()
+            model(**batches[name][index]).loss.backward()
+            seconds[name] += time.perf_counter() - start
+            model.zero_grad(set_to_none=True)
+
+    def work(batch) -> int:
+        # transformers drops an all-ones mask (plain causal); packed rows always get the block-diagonal mask
+        masked = "position_ids" in batch or ("attention_mask" in batch and not bool(batch["attention_mask"].all()))
+        width = batch["input_ids"].shape[1]
+        return int(batch["input_ids"].shape[0] * width * width / (1 if masked else 2))
+
+    real = sum(len(r["input_ids"]) for r in rows)
+    lines = [
+        "| layout | seconds | positions | padding | attention work (M pairs) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name in layouts:
+        positions = sum(b["input_ids"].numel() for b in batches[name])
+        attention = sum(work(b) for b in batches[name]) / 1e6
+        lines.append(
+            f"| {name} | {seconds[name]:.1f} | {positions} | {100 * (1 - real / positions):.0f}% | {attention:.0f} |"
+        )
+    return "\n".join(lines)
 
 
 # --- the parent: prepare, run every mode interleaved, print the table ------------------------------------------
@@ -342,6 +407,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads per run (0: torch's default)")
     parser.add_argument("--workdir", type=Path, default=None, help="keep model, data and cache here")
     parser.add_argument("--json", type=Path, default=None, help="also write every run and the table here")
+    parser.add_argument("--attention-study", action="store_true", help="only the per-layout forward+backward study")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     options = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -355,6 +421,11 @@ def main(argv: list[str]) -> None:
         workdir = options.workdir or Path(scratch)
         build_workdir(workdir, options.records, held_out=40)
         _, _, _, data = load_data(workdir, options)  # tokenize once; every run loads the cache
+        if options.attention_study:
+            print(f"machine: {machine()}; load average {load_average()}")
+            print(attention_study(workdir, options))
+            print(f"load average after: {load_average()}")
+            return
         report = data.report["tokens"]
         modes = list(options.modes)
         try:
