@@ -85,9 +85,9 @@ class PackingCollator:
     `row_tokens=None` gives one flat row per batch: the layout varlen kernels need (transformers' flash-attention
     path reads the position_ids restarts only when the batch has a single row). A budget gives several rows,
     which keeps the dense row x row mask of SDPA/eager attention small; `"longest"` makes the budget the batch's
-    longest example, so a packed batch never has more positions, nor more attention work, than the same batch
-    padded. Rows of one batch are padded to the longest row with a pad segment (its own position_ids from 0,
-    labels -100), which attends only to itself.
+    longest example, so a packed batch never has more positions than the same batch padded, nor more attention
+    work than it padded with a mask. Rows of one batch are padded to the longest row with a pad segment (its
+    own position_ids from 0, labels -100), which attends only to itself.
     """
 
     pad_token_id: int

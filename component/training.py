@@ -94,8 +94,8 @@ def packing_row_tokens(args: FinetuneArguments, model=None) -> int | str | None:
     """Row budget of packed batches: one flat row for a varlen kernel, else `packing_row_tokens` or "longest".
 
     A varlen kernel needs the single flat row and does no cross-example work in it. Dense-mask attention (SDPA,
-    eager, our Baichuan) pays row x row per row: rows no longer than the batch's longest example keep that
-    below what padding the batch would cost.
+    eager, our Baichuan) pays row x row per row: rows no longer than the batch's longest example keep it
+    within what the batch padded (with a mask) would cost, on fewer positions.
     """
     if varlen_attention_available(model):
         return None
