@@ -53,7 +53,8 @@ MODEL = {
     "tie_word_embeddings": False, "initializer_range": 0.02, "vocab_size": 32000,
 }
 if SMOKE:
-    MODEL.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    MODEL.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 vocab_size=1000)
 DEVICE = "cpu" if SMOKE else "cuda"
 MODES = {  # name: (our train-args keys, attention implementation)
     "padded (sdpa)": ({"packing": False}, "sdpa"),
