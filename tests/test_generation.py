@@ -34,20 +34,10 @@ from component.generation import (
     run_compare,
 )
 from component.template import HumanAssistantTemplate, get_template
+from tests.conftest import TINY_LLAMA
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = {
-    "model_type": "llama",
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 256,
-    "rms_norm_eps": 1e-6,
-    "tie_word_embeddings": False,
-    "initializer_range": 0.1,
-}
+TINY = TINY_LLAMA  # the suite's tiny Llama (tests/conftest.py)
 QUESTIONS = ["把 1234 逐位写成汉字", "你好 <b>|</b>", "把 90 逐位写成汉字"]
 
 

@@ -14,20 +14,10 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from component.arguments import ConfigError
 from component.generation import merge_adapter
+from tests.conftest import TINY_LLAMA
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = {
-    "model_type": "llama",
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 128,
-    "rms_norm_eps": 1e-6,
-    "tie_word_embeddings": False,
-    "initializer_range": 0.1,
-}
+TINY = TINY_LLAMA  # the suite's tiny Llama (tests/conftest.py)
 INPUT_IDS = torch.tensor([[1, 40, 41, 42, 43, 44, 45], [1, 50, 60, 70, 80, 90, 100]])
 
 
