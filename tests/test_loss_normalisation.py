@@ -12,10 +12,6 @@ out, would give a different update: the test checks that too, so it can tell the
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,7 +19,7 @@ import torch
 
 from component.collator import PackingCollator, PaddingCollator
 from component.template import IGNORE_INDEX
-from tests.conftest import REPO
+from tests.conftest import REPO, run_torchrun
 
 # Label tokens per example (after the first position): 3, 60, 8, 2 -> micro-batches of 63 and 10.
 SHAPES = [(6, 4), (10, 61), (20, 9), (30, 3)]
@@ -140,12 +136,6 @@ if torch.distributed.get_rank() == 0:
 """
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_ddp_two_processes_give_the_single_process_gradient(tmp_path, tiny_llama_dir, rows, expected):
     """2 processes x batch 2 (63 and 10 label tokens), padded and packed: every rank divides by the global count."""
@@ -153,11 +143,7 @@ def test_ddp_two_processes_give_the_single_process_gradient(tmp_path, tiny_llama
     script, result = tmp_path / "ddp_step.py", tmp_path / "updates.pt"
     values = {"repo": str(REPO), "rows": str(tmp_path / "rows.json"), "model": str(tiny_llama_dir)}
     script.write_text(DDP_SCRIPT.format(**values, out=str(tmp_path / "out"), result=str(result)))
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-    command += ["--master_port", str(free_port()), str(script)]
-    run = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    run_torchrun(script)
     updates = torch.load(result)
     assert set(updates) == {"padded", "packed"}
     for update in updates.values():

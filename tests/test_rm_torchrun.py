@@ -3,22 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, run_torchrun
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_torchrun_two_processes_train_and_save_once(tmp_path, tiny_llama_dir):
@@ -44,13 +34,7 @@ def test_torchrun_two_processes_train_and_save_once(tmp_path, tiny_llama_dir):
     }
     args_file = tmp_path / "ddp.json"
     args_file.write_text(json.dumps(args), encoding="utf-8")
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    command = [
-        *(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"),
-        *("--master_port", str(free_port()), str(REPO / "train_rm.py"), "--train_args_file", str(args_file)),
-    ]
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_torchrun(REPO / "train_rm.py", "--train_args_file", args_file)
 
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["global_step"] == 3

@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +11,7 @@ from safetensors.torch import load_file
 
 import train_sft
 from component.training import StopAfterStepCallback
-from tests.conftest import REPO
+from tests.conftest import REPO, run_torchrun
 
 pytestmark = pytest.mark.slow
 
@@ -129,32 +125,12 @@ def test_resume_after_a_stop_matches_an_uninterrupted_run(tmp_path, train_args):
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_torchrun_two_processes_on_cpu(tmp_path, train_args):
     out = tmp_path / "ddp"
     args_file = write_args(
         tmp_path, "ddp", **{**train_args, "per_device_train_batch_size": 4}, output_dir=str(out), max_steps=4
     )
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(free_port()),
-        str(REPO / "train_sft.py"),
-        "--train_args_file",
-        args_file,
-    ]
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_torchrun(REPO / "train_sft.py", "--train_args_file", args_file)
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["global_step"] == 4
     assert (out / "adapter_model.safetensors").is_file()
