@@ -1,4 +1,5 @@
 # make demo: set up, then run the CPU demo end to end.  make test: set up, then run every test.
+# make lint: ruff (lint + format check) and import-linter's layer contracts (pyproject.toml).
 PYTHON ?= python3
 TORCH_VERSION ?= 2.13.0
 DEMO := output/demo
@@ -10,7 +11,7 @@ setup:
 	$(PYTHON) -m pip install -q -r requirements-dev.txt
 
 demo: setup
-	$(PYTHON) -m component.demo_assets model $(DEMO)/base_model
+	$(PYTHON) -m component.demo_assets model config/demo/model/config.json $(DEMO)/base_model
 	$(PYTHON) train_sft.py --train_args_file config/demo/sft_lora.json
 	$(PYTHON) train_rm.py --train_args_file config/demo/rm_lora.json
 	$(PYTHON) generate.py compare --config config/demo/compare.json
@@ -18,9 +19,10 @@ demo: setup
 test: setup
 	$(PYTHON) -m pytest -q
 
-lint:
+lint: setup
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m ruff format --check .
+	lint-imports
 
 clean:
 	rm -rf output .pytest_cache

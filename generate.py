@@ -1,9 +1,10 @@
-"""Generation front end: chat with a model, or compare base and fine-tuned answers side by side.
+"""Generation front end: chat with a model, compare base and fine-tuned answers side by side, score answers.
 
     python generate.py chat --model_name_or_path BASE [--adapter OUT] [--preset default] [--quantization 4bit]
     python generate.py compare --model_name_or_path BASE --adapter OUT [--questions data/eval/questions.txt]
         [--references FILE] [--preset greedy,top_p] [--reward_model RM] [--output_dir output/compare]
     python generate.py compare --config config/demo/compare.json [--key value ...]
+    python generate.py score --reward_model RM --input rows.jsonl --output scores.jsonl
 
 Presets: default (the original project's sampling: temperature 0.6, top_p 0.8, repetition_penalty 2.0),
 greedy, beam, top_k, top_p; --generation_config FILE.json and --key value override their fields. Every option
@@ -13,6 +14,7 @@ docs/generation.md explains them.
 chat: one message a line on stdin (scriptable); /reset clears the history, /exit quits.
 compare: ONE loaded base model, the adapter switched off (base) and on (SFT); writes report.html, report.md,
 answers.jsonl and summary.json to output_dir; --reward_model adds scores and the SFT win rate.
+score: each JSONL row ({prompt, response, history?, system?}) written back with the reward model's `score`.
 """
 
 from __future__ import annotations
@@ -20,23 +22,16 @@ from __future__ import annotations
 import logging
 import sys
 
-import component  # noqa: F401  (registers the native Baichuan classes)
-from component.arguments import ConfigError
-from component.generation import (
-    ChatOptions,
-    ChatSession,
-    CompareOptions,
-    chat_loop,
-    load_for_generation,
-    parse_options,
-    run_compare,
-)
+from component.config.inference import CONFIG_FLAG, ChatOptions, CompareOptions, ScoreOptions, parse_options
+from component.config.parser import ConfigError, fields_of, run_cli, usage
 
-USAGE = "usage: python generate.py {chat,compare} [--config FILE.json] [--key value ...]  (--help for options)"
+USAGE = "usage: python generate.py {chat,compare,score} [--config FILE.json] [--key value ...]  (--help for options)"
 
 
-def chat(argv: list[str]) -> None:
-    options = parse_options(ChatOptions, argv, "generate.py chat")
+def chat(options: ChatOptions) -> None:
+    from component.inference.chat import ChatSession, chat_loop
+    from component.inference.engine import load_for_generation
+
     settings = options.settings()
     if len(settings) > 1:
         raise ConfigError("chat takes one preset; compare runs several")
@@ -46,8 +41,9 @@ def chat(argv: list[str]) -> None:
     chat_loop(session, sys.stdin, sys.stdout, "User: " if sys.stdin.isatty() else "", options.show_prompt)
 
 
-def compare(argv: list[str]) -> None:
-    options = parse_options(CompareOptions, argv, "generate.py compare")
+def compare(options: CompareOptions) -> None:
+    from component.inference.compare import run_compare
+
     result, paths = run_compare(options)
     for preset, entry in result.summary.items():
         for label, stats in entry["models"].items():
@@ -62,16 +58,28 @@ def compare(argv: list[str]) -> None:
     print(f"Report: {paths['html']}  (also {paths['markdown']}, {paths['answers']})")
 
 
+def score(options: ScoreOptions) -> None:
+    from component.inference.scoring import score_file
+
+    count = score_file(options)
+    print(f"scored {count} rows -> {options.output}")
+
+
+COMMANDS = {"chat": (ChatOptions, chat), "compare": (CompareOptions, compare), "score": (ScoreOptions, score)}
+
+
 def main(argv: list[str]) -> None:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    commands = {"chat": chat, "compare": compare}
-    if not argv or argv[0] not in commands:
+    if not argv or argv[0] not in COMMANDS:
         sys.exit(__doc__ if argv[:1] in (["-h"], ["--help"]) else USAGE)
-    commands[argv[0]](argv[1:])
+    options_class, command = COMMANDS[argv[0]]
+    command(parse_options(options_class, argv[1:], f"generate.py {argv[0]}"))
+
+
+def help_text(argv: list[str]) -> str:
+    options_class, _ = COMMANDS[argv[0]]
+    return usage(f"generate.py {argv[0]}", options_class.__doc__ or "", CONFIG_FLAG, fields_of(options_class))
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except ConfigError as error:
-        sys.exit(f"config error: {error}")
+    run_cli(main, sys.argv[1:], lambda: help_text(sys.argv[1:]))

@@ -1,7 +1,7 @@
 """Merge a LoRA adapter into its base weights and save a standalone model folder.
 
     python merge_lora.py --adapter output/sft --output_dir output/sft_merged [--model_name_or_path BASE]
-        [--dtype bfloat16|float16|float32] [--trust_remote_code]
+        [--dtype bfloat16|float16|float32] [--trust_remote_code true] [--config FILE.json]
 
 The folder (safetensors, tokenizer, generation config, train_args.json) loads with plain transformers and
 serves `generate.py --model_name_or_path FOLDER`. The base defaults to the adapter's base_model_name_or_path.
@@ -11,31 +11,26 @@ in 16-bit; a QLoRA adapter merges into the 16-bit base as it is.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-import component  # noqa: F401  (registers the native Baichuan classes)
-from component.arguments import ConfigError
-from component.generation import MERGE_DTYPES, merge_adapter
+from component.config.inference import CONFIG_FLAG, MergeOptions, parse_options
+from component.config.parser import fields_of, run_cli, usage
 
 
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--adapter", required=True, help="LoRA adapter folder (a train_sft.py / train_rm.py output)")
-    parser.add_argument("--output_dir", required=True, help="where the merged model folder goes")
-    parser.add_argument("--model_name_or_path", help="base model folder (default: from adapter_config.json)")
-    parser.add_argument("--dtype", default="bfloat16", choices=list(MERGE_DTYPES), help="weights dtype")
-    parser.add_argument("--quantization", choices=["4bit", "8bit"], help="refused: merging needs a 16-bit base")
-    parser.add_argument("--trust_remote_code", action="store_true", help="run Python files shipped with the model")
-    args = parser.parse_args(argv)
+    from component.export.merge import merge_adapter
+
+    options = parse_options(MergeOptions, argv, "merge_lora.py")
     output = merge_adapter(
-        args.adapter, args.output_dir, args.model_name_or_path, args.dtype, args.quantization, args.trust_remote_code
+        options.adapter,
+        options.output_dir,
+        options.model_name_or_path,
+        options.dtype,
+        options.quantization,
+        options.trust_remote_code,
     )
     print(f"Merged model saved to {output}")
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except ConfigError as error:
-        sys.exit(f"config error: {error}")
+    run_cli(main, sys.argv[1:], lambda: usage("merge_lora.py", __doc__, CONFIG_FLAG, fields_of(MergeOptions)))

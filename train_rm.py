@@ -15,16 +15,18 @@ from __future__ import annotations
 import logging
 import sys
 
-from transformers import AutoModelForSequenceClassification, set_seed
+from transformers import set_seed
 
-import component  # noqa: F401  (registers the native Baichuan classes)
-from component.arguments import ConfigError, RewardArguments, load_arguments, save_resolved
-from component.dataset import write_data_report
-from component.model import load_model, load_tokenizer
-from component.reward import SCORE_HEAD, RewardTrainer, train_score_head_in_fp32
-from component.reward_data import PairCollator, prepare_reward_data
-from component.template import get_template
-from component.training import finish_training, packing_row_tokens, resolve_resume, setup_logging, use_packing
+from component.config.parser import run_cli, usage
+from component.config.training import TRAIN_ARGS_FLAG, RewardArguments, load_arguments, recipe_fields
+from component.data.collators import PairCollator
+from component.data.pairwise import prepare_reward_data
+from component.data.template import get_template
+from component.model.loader import load_model, load_tokenizer
+from component.model.reward_head import SCORE_HEAD, train_score_head_in_fp32
+from component.train.batching import packing_row_tokens, use_packing
+from component.train.recipe import finish_training, record_data, resolve_resume, setup_logging
+from component.train.reward import RewardTrainer
 
 logger = logging.getLogger("train_rm")
 
@@ -32,30 +34,23 @@ PLOT_KEYS = ("loss", "eval_loss", "eval_accuracy", "eval_margin")
 
 
 def main(argv: list[str], callbacks: list | None = None) -> RewardTrainer | None:
-    args, training_args = load_arguments(argv, RewardArguments)
+    args, training_args = load_arguments(argv, RewardArguments, prog="train_rm.py")
     setup_logging(training_args)
 
     tokenizer = load_tokenizer(args.model_name_or_path, args.trust_remote_code)
     template = get_template(args.template, tokenizer)
     data = prepare_reward_data(args, template, training_args)
-    if training_args.process_index == 0:
-        save_resolved(args, training_args, training_args.output_dir)
-        write_data_report(data, training_args.output_dir, ("chosen_input_ids", "rejected_input_ids"))
-    if len(data.train) == 0:
-        raise ValueError(f"no training pairs left: see the skip counts in {training_args.output_dir}/data_report.json")
-    if training_args.process_index == 0:
-        first = data.train[0]
-        logger.info(
-            "Example pair:\n--- chosen ---\n%s\n--- rejected ---\n%s",
-            tokenizer.decode(first["chosen_input_ids"]),
-            tokenizer.decode(first["rejected_input_ids"]),
-        )
-        logger.info(
-            "Data: %d train / %d eval pairs; report in %s/data_report.json",
-            data.report["examples"],
-            data.report["eval_examples"],
-            training_args.output_dir,
-        )
+    record_data(
+        args,
+        training_args,
+        data,
+        ("chosen_input_ids", "rejected_input_ids"),
+        lambda first: (
+            f"Example pair:\n--- chosen ---\n{tokenizer.decode(first['chosen_input_ids'])}\n"
+            f"--- rejected ---\n{tokenizer.decode(first['rejected_input_ids'])}"
+        ),
+        unit="pairs",
+    )
     if args.dry_run:
         return None
 
@@ -63,7 +58,7 @@ def main(argv: list[str], callbacks: list | None = None) -> RewardTrainer | None
     model = load_model(
         args,
         training_args.gradient_checkpointing,
-        model_class=AutoModelForSequenceClassification,
+        task="seq_cls",
         modules_to_save=[SCORE_HEAD],
         num_labels=1,
         pad_token_id=tokenizer.pad_token_id,
@@ -86,7 +81,4 @@ def main(argv: list[str], callbacks: list | None = None) -> RewardTrainer | None
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except ConfigError as error:
-        sys.exit(f"config error: {error}")
+    run_cli(main, sys.argv[1:], lambda: usage("train_rm.py", __doc__, TRAIN_ARGS_FLAG, recipe_fields(RewardArguments)))

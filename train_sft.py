@@ -16,36 +16,33 @@ import sys
 
 from transformers import Trainer, set_seed
 
-import component  # noqa: F401  (registers the native Baichuan classes)
-from component.arguments import ConfigError, load_arguments, save_resolved
-from component.dataset import prepare_sft_data, show_trained_spans, write_data_report
-from component.model import load_model, load_tokenizer
-from component.template import get_template
-from component.training import finish_training, make_collator, resolve_resume, setup_logging, use_packing
+from component.config.parser import run_cli, usage
+from component.config.training import TRAIN_ARGS_FLAG, load_arguments, recipe_fields
+from component.data.supervised import prepare_sft_data, show_trained_spans
+from component.data.template import get_template
+from component.model.loader import load_model, load_tokenizer
+from component.train.batching import make_collator, use_packing
+from component.train.recipe import finish_training, record_data, resolve_resume, setup_logging
 
 logger = logging.getLogger("train_sft")
 
 
 def main(argv: list[str], callbacks: list | None = None) -> Trainer | None:
-    args, training_args = load_arguments(argv)
+    args, training_args = load_arguments(argv, prog="train_sft.py")
     setup_logging(training_args)
 
     tokenizer = load_tokenizer(args.model_name_or_path, args.trust_remote_code)
     template = get_template(args.template, tokenizer)
     data = prepare_sft_data(args, template, training_args)
-    if training_args.process_index == 0:
-        save_resolved(args, training_args, training_args.output_dir)
-        write_data_report(data, training_args.output_dir, ("input_ids", "labels"))
-        first = data.train[0]
-        logger.info(
-            "Example (trained spans in [[ ]]):\n%s", show_trained_spans(tokenizer, first["input_ids"], first["labels"])
-        )
-        logger.info(
-            "Data: %d train / %d eval examples; report in %s/data_report.json",
-            data.report["examples"],
-            data.report["eval_examples"],
-            training_args.output_dir,
-        )
+    record_data(
+        args,
+        training_args,
+        data,
+        ("input_ids", "labels"),
+        lambda first: (
+            "Example (trained spans in [[ ]]):\n" + show_trained_spans(tokenizer, first["input_ids"], first["labels"])
+        ),
+    )
     if args.dry_run:
         return None
 
@@ -66,7 +63,4 @@ def main(argv: list[str], callbacks: list | None = None) -> Trainer | None:
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except ConfigError as error:
-        sys.exit(f"config error: {error}")
+    run_cli(main, sys.argv[1:], lambda: usage("train_sft.py", __doc__, TRAIN_ARGS_FLAG, recipe_fields()))

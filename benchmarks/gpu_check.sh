@@ -100,11 +100,11 @@ def train_args(keys):
 def run_mode(name):
     import torch
     from transformers import Trainer, TrainerCallback
-    from component.arguments import build_arguments
-    from component.dataset import prepare_sft_data
-    from component.model import load_model, load_tokenizer
-    from component.template import get_template
-    from component.training import make_collator, use_packing
+    from component.config.training import build_arguments
+    from component.data.supervised import prepare_sft_data
+    from component.data.template import get_template
+    from component.model.loader import load_model, load_tokenizer
+    from component.train.batching import make_collator, use_packing
 
     keys, attention = MODES[name]
     args, training_args = build_arguments(train_args(keys))

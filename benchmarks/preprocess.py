@@ -62,11 +62,11 @@ def build_workdir(workdir: Path, records: int, tokenizer: str) -> str:
 
 def run_once(workdir: Path, template: str, num_proc: int, overwrite: bool) -> dict:
     """One `prepare_sft_data` call as train_sft.py makes it, with the time of each stage."""
-    import component  # noqa: F401  (registers the Baichuan tokenizer)
-    import component.dataset as dataset
-    from component.arguments import build_arguments
-    from component.model import load_tokenizer
-    from component.template import get_template
+    import component.data.pipeline as dataset
+    from component.config.training import build_arguments
+    from component.data.supervised import prepare_sft_data
+    from component.data.template import get_template
+    from component.model.loader import load_tokenizer
 
     stages: dict[str, float] = {}
 
@@ -99,7 +99,7 @@ def run_once(workdir: Path, template: str, num_proc: int, overwrite: bool) -> di
     tokenizer = load_tokenizer(args.model_name_or_path)
     template_object = get_template(args.template, tokenizer)
     start = time.perf_counter()
-    data = dataset.prepare_sft_data(args, template_object, training_args)
+    data = prepare_sft_data(args, template_object, training_args)
     total = time.perf_counter() - start
     known = sum(stages.values())
     if not data.from_cache:

@@ -149,10 +149,10 @@ def train_args(workdir: Path, options: argparse.Namespace, **ours) -> dict:
 
 
 def load_data(workdir: Path, options: argparse.Namespace, **ours):
-    from component.arguments import build_arguments
-    from component.dataset import prepare_sft_data
-    from component.model import load_tokenizer
-    from component.template import get_template
+    from component.config.training import build_arguments
+    from component.data.supervised import prepare_sft_data
+    from component.data.template import get_template
+    from component.model.loader import load_tokenizer
 
     args, training_args = build_arguments(train_args(workdir, options, **ours))
     tokenizer = load_tokenizer(args.model_name_or_path)
@@ -178,7 +178,7 @@ class CountingCollator:
 def heldout_loss(model, dataset, pad_token_id: int) -> float:
     import torch
 
-    from component.collator import PaddingCollator
+    from component.data.collators import PaddingCollator
 
     model.eval()
     collate, total, count = PaddingCollator(pad_token_id), 0.0, 0
@@ -232,8 +232,8 @@ def run_mode(mode: str, workdir: Path, options: argparse.Namespace) -> dict:
 def our_trainer(mode: str, workdir: Path, options: argparse.Namespace):
     from transformers import Trainer
 
-    from component.model import load_model
-    from component.training import make_collator, resolve_batching, use_packing
+    from component.model.loader import load_model
+    from component.train.batching import make_collator, resolve_batching, use_packing
 
     args, training_args, tokenizer, data = load_data(workdir, options, **OUR_KEYS[mode])
     model = load_model(args, gradient_checkpointing=False)
@@ -292,12 +292,12 @@ def attention_study(workdir: Path, options: argparse.Namespace) -> str:
     """
     import torch
 
-    from component.collator import PackingCollator, PaddingCollator
+    from component.data.collators import PackingCollator, PaddingCollator
 
     if options.threads:
         torch.set_num_threads(options.threads)
     args, _, tokenizer, data = load_data(workdir, options)
-    from component.model import load_model
+    from component.model.loader import load_model
 
     model = load_model(args, gradient_checkpointing=False)
     model.train()

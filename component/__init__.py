@@ -1,9 +1,5 @@
-"""LLM_training's library: one concern per module (see README.md, "Layout").
+"""LLM_training's library, in layers (docs/architecture.md): config -> data, model -> train, inference, export.
 
-Importing the package registers the native Baichuan classes with transformers' Auto classes, so hub
-Baichuan folders load with trust_remote_code off.
+Each subpackage is one layer and each module one concern; import-linter (pyproject.toml) keeps imports going
+downward only.
 """
-
-from component.baichuan import register_baichuan
-
-register_baichuan()

@@ -4,8 +4,8 @@ Nothing is downloaded. The task: write a 4-digit number digit by digit in Chines
 ("把 4071 逐位写成汉字" -> "四零七一"). A random model never gets it right; a model that learned the
 digit-to-character mapping does so on numbers it never saw, which gives a held-out exact-match metric.
 
-`python -m component.demo_assets data` rewrites the bundled files under data/demo/ (they are committed);
-`python -m component.demo_assets model OUT` builds the tiny base model folder from config/demo/model/.
+`python -m component.demo_assets data data/demo` rewrites the bundled demo files (they are committed);
+`python -m component.demo_assets model config/demo/model/config.json OUT` builds the tiny base model folder.
 """
 
 from __future__ import annotations
@@ -16,10 +16,6 @@ import sys
 from pathlib import Path
 
 import torch
-
-REPO = Path(__file__).resolve().parents[1]
-DEMO_DATA = REPO / "data" / "demo"
-DEMO_MODEL_CONFIG = REPO / "config" / "demo" / "model" / "config.json"
 
 CHINESE_DIGITS = "零一二三四五六七八九"
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"]
@@ -52,8 +48,9 @@ def demo_numbers(seed: int = 0) -> tuple[list[str], list[str]]:
     return numbers[:3000], numbers[3000:3200]
 
 
-def write_demo_data(folder: Path = DEMO_DATA) -> None:
+def write_demo_data(folder: str | Path) -> None:
     """The bundled demo files: SFT data in Firefly's layout, preference pairs, held-out questions."""
+    folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     train, held_out = demo_numbers()
     rng = random.Random(1)
@@ -112,12 +109,12 @@ def build_tokenizer(corpus: list[str] | None = None, vocab_size: int = 400):
     )
 
 
-def build_tiny_model(output_dir: str | Path, config: dict | None = None, seed: int = 0, tokenizer=None) -> Path:
-    """A random-init causal LM folder (config from config/demo/model/ unless given) with our tokenizer."""
+def build_tiny_model(output_dir: str | Path, config: dict, seed: int = 0, tokenizer=None) -> Path:
+    """A random-init causal LM folder of `config` (a transformers config dict with model_type) with our tokenizer."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     tokenizer = tokenizer or build_tokenizer()
-    config = dict(config or json.loads(DEMO_MODEL_CONFIG.read_text(encoding="utf-8")))
+    config = dict(config)
     config.update(
         vocab_size=len(tokenizer),
         bos_token_id=tokenizer.bos_token_id,
@@ -134,12 +131,12 @@ def build_tiny_model(output_dir: str | Path, config: dict | None = None, seed: i
 
 
 def main(argv: list[str]) -> None:
-    if argv[:1] == ["data"]:
-        write_demo_data()
-    elif argv[:1] == ["model"] and len(argv) == 2:
-        build_tiny_model(argv[1])
+    if argv[:1] == ["data"] and len(argv) == 2:
+        write_demo_data(argv[1])
+    elif argv[:1] == ["model"] and len(argv) == 3:
+        build_tiny_model(argv[2], json.loads(Path(argv[1]).read_text(encoding="utf-8")))
     else:
-        raise SystemExit("usage: python -m component.demo_assets data | model OUTPUT_DIR")
+        raise SystemExit("usage: python -m component.demo_assets data FOLDER | model CONFIG_JSON OUTPUT_DIR")
 
 
 if __name__ == "__main__":

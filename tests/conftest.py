@@ -1,36 +1,23 @@
-"""Shared test fixtures: the shared/ fixture folder and tiny models built on the spot (nothing downloaded)."""
+"""Shared test fixtures: the shared/ fixture folder and tiny models built on the spot (nothing downloaded).
+
+Helpers (paths, configs, file writers, torchrun) live in tests/utils.py.
+"""
 
 from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
-import sys
+import shutil
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_FIXTURES = REPO.parent / "shared" / "fixtures"
+from tests.utils import SHARED_FIXTURES, TINY_LLAMA
 
 # Tests never reach a hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-TINY_LLAMA = {
-    "model_type": "llama",
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 4,
-    "max_position_embeddings": 256,
-    "rms_norm_eps": 1e-6,
-    "tie_word_embeddings": False,
-    "initializer_range": 0.1,
-}
 
 
 @pytest.fixture(scope="session")
@@ -55,43 +42,39 @@ def tiny_llama_dir(tmp_path_factory, demo_tokenizer) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny_llama"), config=TINY_LLAMA, tokenizer=demo_tokenizer)
 
 
-# Helpers for the reader tests: fixture data files, raw records, small files written on the spot.
-DATASET_FIXTURES = SHARED_FIXTURES / "datasets"
+@pytest.fixture(scope="session")
+def baichuan_13b_folder(tmp_path_factory, shared_fixtures) -> Path:
+    """A tiny Baichuan-13B-shaped hub folder (auto_map, quirks, .py files that must never run), real tokenizer."""
+    from component.model.baichuan import BaichuanConfig, BaichuanForCausalLM
 
-
-def fixture(name: str) -> str:
-    path = DATASET_FIXTURES / name
-    if not path.exists():
-        pytest.skip(f"dataset fixture {name} not found under {DATASET_FIXTURES}")
-    return str(path)
-
-
-def raw_lines(name: str) -> list[dict]:
-    return [json.loads(line) for line in Path(fixture(name)).read_text("utf-8").splitlines() if line.strip()]
-
-
-def raw_json(name: str):
-    return json.loads(Path(fixture(name)).read_text("utf-8"))
-
-
-def write(tmp_path: Path, name: str, text: str) -> str:
-    path = tmp_path / name
-    path.write_text(text, encoding="utf-8")
-    return str(path)
-
-
-def jsonl(records: list) -> str:
-    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-
-
-def run_torchrun(script: Path | str, *script_args: str, processes: int = 2) -> subprocess.CompletedProcess:
-    """`torchrun --nproc_per_node N script ...` on the CPU (gloo), one thread each; fails the test on error."""
-    with socket.socket() as sock:  # a free port, so parallel runs never collide
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes)]
-    command += ["--master_port", str(port), str(script), *map(str, script_args)]
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
+    folder = tmp_path_factory.mktemp("Baichuan-13B-Base")
+    hub_config = {
+        "architectures": ["BaichuanForCausalLM"],
+        "auto_map": {
+            "AutoConfig": "configuration_baichuan.BaichuanConfig",
+            "AutoModelForCausalLM": "modeling_baichuan.BaichuanForCausalLM",
+        },
+        "model_type": "baichuan",
+        "hidden_size": 128,
+        "intermediate_size": 256,
+        "num_attention_heads": 2,
+        "num_hidden_layers": 2,
+        "model_max_length": 512,
+        "vocab_size": 125696,
+        "rms_norm_eps": 1e-6,
+        "hidden_act": "silu",
+        "pad_token_id": 0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "tie_word_embeddings": False,
+        "gradient_checkpointing": [False],
+    }
+    config = BaichuanConfig(**{k: v for k, v in hub_config.items() if k not in ("architectures", "auto_map")})
+    BaichuanForCausalLM(config).save_pretrained(folder)
+    (folder / "config.json").write_text(json.dumps(hub_config), encoding="utf-8")
+    for name in ("modeling_baichuan.py", "configuration_baichuan.py", "tokenization_baichuan.py"):
+        (folder / name).write_text("raise RuntimeError('hub code must never run')\n", encoding="utf-8")
+    tokenizer_dir = shared_fixtures / "tokenizers" / "baichuan2"
+    for name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(tokenizer_dir / name, folder / name)
+    return folder

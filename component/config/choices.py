@@ -1,0 +1,21 @@
+"""Every fixed choice list of the settings, defined once; the config dataclasses and the code that acts on a
+choice both read it from here."""
+
+from __future__ import annotations
+
+TEMPLATES = ("human_assistant", "chat_template", "baichuan_chat")
+FINETUNING_TYPES = ("lora", "qlora", "full")
+QUANTIZATIONS = ("4bit", "8bit", None)
+MOSS_TOOL_MODES = ("skip", "strip")
+MERGE_DTYPES = ("bfloat16", "float16", "float32")
+
+SFT_FORMATS = ("belle", "firefly", "moss", "moss_firefly", "safety_prompts", "alpaca", "sharegpt", "openai")
+PREFERENCE_FORMATS = (
+    "hh_rlhf",
+    "prompt_chosen_rejected",
+    "comparison",
+    "medical",
+    "sharegpt_preference",
+    "openai_preference",
+)
+DATA_FORMATS = ("auto", *SFT_FORMATS, *PREFERENCE_FORMATS)

@@ -1,0 +1,1 @@
+"""Export layer: from a trained output folder to a standalone model (merge)."""

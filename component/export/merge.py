@@ -1,0 +1,68 @@
+"""Merge: fold a LoRA adapter into 16-bit base weights and save a folder plain transformers loads.
+
+Front end: merge_lora.py. A reward-model adapter (task_type SEQ_CLS) merges into a sequence-classification
+model; its trained score head (peft modules_to_save) replaces the base's.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from component.config.choices import MERGE_DTYPES
+from component.config.parser import ConfigError, closest
+from component.model.loader import adapter_base, load_pretrained, load_tokenizer, read_adapter_config, tokenizer_folder
+
+TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def merge_adapter(
+    adapter: str,
+    output_dir: str,
+    model_name_or_path: str | None = None,
+    dtype: str = "bfloat16",
+    quantization: str | None = None,
+    trust_remote_code: bool = False,
+) -> Path:
+    """Merge `adapter` into its base (default: the adapter's own base) and save to `output_dir`."""
+    from peft import PeftModel
+
+    if quantization:
+        raise ConfigError(
+            f"merging into a {quantization}-loaded base is refused: the merged weights would have to be "
+            "re-quantized (losing the adapter's precision) and cannot be saved as a plain model. Load the base in "
+            "16-bit to merge (leave out --quantization); a QLoRA adapter merges into the 16-bit base as it is"
+        )
+    adapter_config = read_adapter_config(adapter)
+    if adapter_config is None:
+        raise ConfigError(f"'adapter' {adapter!r} has no adapter_config.json (is it a LoRA output_dir?)")
+    base = model_name_or_path or adapter_base(adapter)
+    if not base or not (Path(base) / "config.json").is_file():
+        raise ConfigError(f"base model {base!r} is not a local model folder; pass --model_name_or_path")
+    base_config = json.loads((Path(base) / "config.json").read_text(encoding="utf-8"))
+    if "quantization_config" in base_config:
+        raise ConfigError(f"base model {base!r} is saved quantized; merge into its 16-bit original instead")
+    if dtype not in MERGE_DTYPES:
+        raise ConfigError(
+            f"'dtype' must be one of {', '.join(MERGE_DTYPES)}; got {dtype!r}.{closest(dtype, list(MERGE_DTYPES))}"
+        )
+
+    tokenizer = load_tokenizer(tokenizer_folder(adapter, base), trust_remote_code)
+    reward = adapter_config.get("task_type") == "SEQ_CLS"
+    extra = {"num_labels": 1, "pad_token_id": tokenizer.pad_token_id} if reward else {}
+    model = load_pretrained(
+        base,
+        "seq_cls" if reward else "causal_lm",
+        dtype=TORCH_DTYPES[dtype],
+        trust_remote_code=trust_remote_code,
+        **extra,
+    )
+    merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    output = Path(output_dir)
+    merged.save_pretrained(output)
+    tokenizer.save_pretrained(output)
+    if (Path(adapter) / "train_args.json").is_file():  # keeps the template choice with the weights
+        (output / "train_args.json").write_bytes((Path(adapter) / "train_args.json").read_bytes())
+    return output

@@ -1,0 +1,1 @@
+"""Inference layer: the generation engine, chat, compare and its reports, reward scoring."""

@@ -1,0 +1,180 @@
+"""Compare: the base model (adapter off) and the fine-tuned one (adapter on) on the same questions.
+
+One loaded base; per preset and model the answers are generated in batches, optionally scored by a reward
+model (loaded after the generator is freed), summarised (exact match, mean reward, win rate) and written as
+report.html / report.md / answers.jsonl / summary.json.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from component.config.generation import GenerationSettings
+from component.config.inference import DEFAULT_QUESTIONS, CompareOptions
+from component.config.parser import ConfigError
+from component.data.conversation import Conversation, Turn
+from component.data.readers import DataFormatError, read_sft_file
+from component.data.template import Template
+from component.inference.engine import context_length, generate_answers, load_for_generation
+from component.inference.report import CompareResult, write_reports
+from component.inference.scoring import RewardScorer, load_reward_scorer
+
+
+@dataclass
+class Question:
+    query: str
+    history: list[Turn] = field(default_factory=list)
+    system: str | None = None
+    reference: str | None = None
+
+    def conversation(self, answer: str) -> Conversation:
+        return Conversation([*self.history, Turn(self.query, answer)], system=self.system)
+
+
+def read_questions(path: str, with_references: bool = False, system: str | None = None) -> list[Question]:
+    """A .txt file holds one question a line; other files are read as SFT data (format auto-detected)."""
+    if Path(path).suffix == ".txt":
+        if with_references:
+            raise ConfigError(f"'references' {path!r}: a .txt file has no answers; use JSONL (e.g. Firefly layout)")
+        lines = Path(path).read_text(encoding="utf-8-sig").splitlines()
+        return [Question(line.strip(), system=system) for line in lines if line.strip()]
+    try:
+        conversations, _ = read_sft_file(path)
+    except DataFormatError as error:
+        raise ConfigError(str(error)) from None
+    questions = []
+    for conversation in conversations:
+        *history, last = conversation.turns
+        reference = last.assistant if with_references else None
+        questions.append(Question(last.user, history, conversation.system or system, reference))
+    return questions
+
+
+def exact_match(answer: str, reference: str) -> bool:
+    return answer.strip() == reference.strip()
+
+
+def compare_models(
+    model,
+    tokenizer,
+    template: Template,
+    questions: list[Question],
+    settings_list: list[GenerationSettings],
+    batch_size: int = 8,
+    context: int | None = None,
+) -> list[dict[str, Any]]:
+    """One row per (preset, model, question). With a PeftModel, "base" is the same weights, adapter off."""
+    from peft import PeftModel
+
+    variants: list[tuple[str, Callable[[], Any]]] = [("base", contextlib.nullcontext)]
+    if isinstance(model, PeftModel):
+        variants = [("base", model.disable_adapter), ("sft", contextlib.nullcontext)]
+    prompts = [template.encode_prompt(q.history, q.query, q.system) for q in questions]
+    rows = []
+    for settings in settings_list:
+        for label, switch in variants:
+            torch.manual_seed(settings.seed)  # each model draws the same random numbers
+            with switch():
+                answers = generate_answers(model, tokenizer, template, prompts, settings, batch_size, context)
+            for index, (question, answer) in enumerate(zip(questions, answers)):
+                row = {"preset": settings.preset, "model": label, "index": index, "question": question.query}
+                row["answer"] = answer
+                if question.reference is not None:
+                    row["reference"] = question.reference
+                    row["exact_match"] = exact_match(answer, question.reference)
+                rows.append(row)
+    return rows
+
+
+def add_reward_scores(rows: list[dict[str, Any]], questions: list[Question], scorer: RewardScorer) -> None:
+    conversations = [questions[row["index"]].conversation(row["answer"]) for row in rows]
+    for row, score in zip(rows, scorer(conversations)):
+        row["reward"] = None if math.isnan(score) else score  # NaN: the reward model could not fit the answer
+
+
+def summarize(rows: list[dict[str, Any]], settings_list: list[GenerationSettings]) -> dict[str, Any]:
+    """Per preset and model: answers, exact match, mean reward; per preset: SFT's win rate over base by reward."""
+    summary: dict[str, Any] = {}
+    for settings in settings_list:
+        by_model: dict[str, list[dict]] = {}
+        for row in rows:
+            if row["preset"] == settings.preset:
+                by_model.setdefault(row["model"], []).append(row)
+        entry: dict[str, Any] = {"models": {}}
+        for label, model_rows in by_model.items():
+            stats: dict[str, Any] = {"answers": len(model_rows)}
+            if "exact_match" in model_rows[0]:
+                stats["exact_match"] = sum(r["exact_match"] for r in model_rows) / len(model_rows)
+            scored = [r["reward"] for r in model_rows if r.get("reward") is not None]
+            if "reward" in model_rows[0]:
+                stats["mean_reward"] = sum(scored) / len(scored) if scored else None
+            entry["models"][label] = stats
+        if "sft" in by_model and "reward" in by_model["sft"][0]:
+            pairs = [
+                (base["reward"], sft["reward"])
+                for base, sft in zip(by_model["base"], by_model["sft"])
+                if base["reward"] is not None and sft["reward"] is not None
+            ]
+            wins = sum(sft > base for base, sft in pairs)
+            ties = sum(sft == base for base, sft in pairs)
+            entry["sft_vs_base"] = {
+                "wins": wins,
+                "ties": ties,
+                "losses": len(pairs) - wins - ties,
+                "unscored": len(by_model["sft"]) - len(pairs),
+                "win_rate": (wins + 0.5 * ties) / len(pairs) if pairs else None,  # a tie counts half
+            }
+        summary[settings.preset] = entry
+    return summary
+
+
+def free_model(model) -> None:
+    """Drop the generator before the reward model loads: two 13B models rarely fit one GPU."""
+    del model
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def run_compare(options: CompareOptions) -> tuple[CompareResult, dict[str, Path]]:
+    """The compare recipe: read questions, load once, generate per preset and model, score, write reports."""
+    settings_list = options.settings()
+    path = options.references or options.questions or DEFAULT_QUESTIONS
+    questions = read_questions(path, with_references=bool(options.references), system=options.system)
+    questions = questions[: options.max_questions] if options.max_questions else questions
+    if not questions:
+        raise ConfigError(f"{path}: no questions")
+    started = time.time()
+    model, tokenizer, template = load_for_generation(options)
+    context = context_length(model, tokenizer, options.max_context)
+    rows = compare_models(model, tokenizer, template, questions, settings_list, options.batch_size, context)
+    free_model(model)
+    if options.reward_model:
+        scorer = load_reward_scorer(
+            options.reward_model, options.reward_base_model, options.quantization, options.batch_size
+        )
+        add_reward_scores(rows, questions, scorer)
+    result = CompareResult(
+        rows=rows,
+        summary=summarize(rows, settings_list),
+        settings={s.preset: s.describe() for s in settings_list},
+        models={"base": options.model_name_or_path, **({"sft": options.adapter} if options.adapter else {})},
+        meta={
+            "questions_file": path,
+            "questions": len(questions),
+            "template": template.name,
+            "quantization": options.quantization or "none",
+            "reward_model": options.reward_model or "none",
+            "seconds": round(time.time() - started, 1),
+        },
+    )
+    return result, write_reports(result, options.output_dir)

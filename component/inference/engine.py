@@ -1,0 +1,141 @@
+"""The generation engine: load a model to answer with, and generate answers in batches.
+
+The prompt is always built by `data.template` (`Template.encode_prompt`), the code that rendered the training
+data, so a fine-tuned model is asked in exactly the format it learned. Chat and compare build on this module.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, TextIO
+
+import torch
+from transformers import TextStreamer
+
+from component.config.choices import TEMPLATES
+from component.config.generation import GenerationSettings
+from component.config.inference import ModelOptions
+from component.config.parser import ConfigError
+from component.data.template import Template, get_template
+from component.model.loader import load_for_inference, load_tokenizer, read_train_args, tokenizer_folder
+
+logger = logging.getLogger(__name__)
+
+
+def template_name_for(options: ModelOptions) -> str:
+    """The template the weights were trained with (train_args.json next to them), unless one is named."""
+    if options.template:
+        return options.template
+    for folder in (options.adapter, options.model_name_or_path):
+        name = read_train_args(folder).get("template")
+        if name in TEMPLATES:
+            return name
+    return "human_assistant"
+
+
+def load_for_generation(options: ModelOptions) -> tuple[Any, Any, Template]:
+    """Model (base with the adapter attached, if any), left-padding tokenizer and template."""
+    # The adapter folder's tokenizer is the one training used; a merged folder carries its own.
+    path = tokenizer_folder(options.adapter, options.model_name_or_path)
+    tokenizer = load_tokenizer(path, options.trust_remote_code, padding_side="left")
+    template = get_template(template_name_for(options), tokenizer)
+    model = load_for_inference(
+        options.model_name_or_path,
+        adapter=options.adapter,
+        quantization=options.quantization,
+        trust_remote_code=options.trust_remote_code,
+    )
+    return model, tokenizer, template
+
+
+def context_length(model, tokenizer, override: int | None = None) -> int | None:
+    """Longest sequence the model takes: --max_context, else the config's, else the tokenizer's; None = unknown."""
+    if override:
+        return override
+    config = model.config
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "model_max_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    value = getattr(tokenizer, "model_max_length", None)
+    return value if isinstance(value, int) and value < 1_000_000 else None  # HF uses ~1e30 for "unset"
+
+
+def stop_strings(template: Template) -> list[str]:
+    return list(getattr(template, "stop_strings", None) or [])
+
+
+def model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def generate_kwargs(tokenizer, template: Template, settings: GenerationSettings) -> dict[str, Any]:
+    """kwargs for model.generate shared by batch and chat: strategy, stop tokens/strings, padding."""
+    kwargs = settings.generate_kwargs()
+    kwargs.update(eos_token_id=template.stop_token_ids, pad_token_id=tokenizer.pad_token_id)
+    if stop_strings(template):
+        kwargs.update(stop_strings=stop_strings(template), tokenizer=tokenizer)
+    return kwargs
+
+
+def room_to_answer(settings: GenerationSettings, prompt_length: int, context: int | None) -> int:
+    """max_new_tokens, shortened where the context would overflow (the tiny demo model has 256 positions)."""
+    if context is None:
+        return settings.max_new_tokens
+    room = context - prompt_length
+    if room < 1:
+        raise ConfigError(
+            f"a prompt of {prompt_length} tokens leaves no room to answer in a context of {context} tokens; "
+            "shorten the question or raise --max_context if the model allows"
+        )
+    if room < settings.max_new_tokens:
+        logger.info("max_new_tokens %d -> %d to fit the %d-token context", settings.max_new_tokens, room, context)
+    return min(room, settings.max_new_tokens)
+
+
+def clean_answer(token_ids: list[int], tokenizer, template: Template) -> str:
+    """The generated tokens up to the first stop token, decoded, cut at a stop string, stripped."""
+    stops = set(template.stop_token_ids)
+    end = next((i for i, token in enumerate(token_ids) if token in stops), len(token_ids))
+    text = tokenizer.decode(token_ids[:end], skip_special_tokens=True)
+    for stop in stop_strings(template):
+        text = text.split(stop, 1)[0]
+    return text.strip()
+
+
+@torch.inference_mode()
+def generate_answers(
+    model,
+    tokenizer,
+    template: Template,
+    prompts: list[list[int]],
+    settings: GenerationSettings,
+    batch_size: int = 8,
+    context: int | None = None,
+) -> list[str]:
+    """Answers to token-id prompts, `batch_size` at a time, left-padded so every answer starts at the same column."""
+    device = model_device(model)
+    kwargs = generate_kwargs(tokenizer, template, settings)
+    pad = tokenizer.pad_token_id
+    answers: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start : start + batch_size]
+        width = max(len(p) for p in batch)
+        input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=device)
+        attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
+        kwargs["max_new_tokens"] = room_to_answer(settings, width, context)
+        output = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        answers += [clean_answer(row[width:].tolist(), tokenizer, template) for row in output]
+    return answers
+
+
+class StreamWriter(TextStreamer):
+    """TextStreamer that writes each finished piece of text to a stream instead of printing it."""
+
+    def __init__(self, tokenizer, stream: TextIO) -> None:
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self.stream = stream
+
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        self.stream.write(text)
+        self.stream.flush()

@@ -1,0 +1,220 @@
+"""The one model loader: training, generation, reward scoring and merging all load weights through here.
+
+Written once: the compute dtype, the bitsandbytes config, where weights go (quantized weights are placed at
+load time, each torchrun process on its own GPU; others are moved after loading), which folder's tokenizer
+to use, what an output folder's train_args.json and adapter_config.json say, and how LoRA is attached or an
+adapter loaded. The PEFT task type always comes from the caller's `task`, never from a guess.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    PreTrainedModel,
+)
+
+from component.config.parser import ConfigError
+from component.config.training import FinetuneArguments
+from component.model.baichuan import is_baichuan_config, load_baichuan_tokenizer
+
+logger = logging.getLogger(__name__)
+
+# What a model is loaded for -> (transformers Auto class, PEFT task type).
+TASKS: dict[str, tuple[type, str]] = {
+    "causal_lm": (AutoModelForCausalLM, "CAUSAL_LM"),
+    "seq_cls": (AutoModelForSequenceClassification, "SEQ_CLS"),
+}
+
+
+def compute_dtype() -> torch.dtype:
+    """bf16 where the GPU supports it, fp16 on other GPUs, fp32 on the CPU."""
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def inference_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def quantization_config(quantization: str | None) -> BitsAndBytesConfig | None:
+    if quantization == "4bit":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype(),
+        )
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return None
+
+
+def device_map_for_this_process(quantized: bool) -> dict | None:
+    """Quantized weights must be placed at load time: each torchrun process on its own GPU (LOCAL_RANK)."""
+    if not quantized or not torch.cuda.is_available():
+        return None
+    return {"": int(os.environ.get("LOCAL_RANK", "0"))}
+
+
+# --- folders -----------------------------------------------------------------------------------------------------
+def has_tokenizer(folder: str | Path | None) -> bool:
+    return bool(folder) and (Path(folder) / "tokenizer_config.json").is_file()
+
+
+def tokenizer_folder(*candidates: str | Path | None) -> str:
+    """The first folder that holds a tokenizer: an output folder's own (what training used), else the base's."""
+    for folder in candidates:
+        if has_tokenizer(folder):
+            return str(folder)
+    return str(next(c for c in candidates if c))
+
+
+def read_train_args(folder: str | Path | None) -> dict[str, Any]:
+    """The resolved settings a recipe saved in its output folder (train_args.json), or {}."""
+    file = Path(folder or "") / "train_args.json"
+    return json.loads(file.read_text(encoding="utf-8")) if folder and file.is_file() else {}
+
+
+def read_adapter_config(folder: str | Path | None) -> dict[str, Any] | None:
+    """A PEFT adapter folder's adapter_config.json, or None when the folder holds no adapter."""
+    file = Path(folder or "") / "adapter_config.json"
+    return json.loads(file.read_text(encoding="utf-8")) if folder and file.is_file() else None
+
+
+def adapter_base(folder: str | Path) -> str | None:
+    """The base model an adapter was trained on: its train_args.json, else adapter_config.json."""
+    config = read_adapter_config(folder) or {}
+    return read_train_args(folder).get("model_name_or_path") or config.get("base_model_name_or_path")
+
+
+def load_tokenizer(model_name_or_path: str, trust_remote_code: bool = False, padding_side: str = "right"):
+    """The folder's tokenizer; a pad token is borrowed from UNK (or EOS) when it has none."""
+    if is_baichuan_config(model_name_or_path):  # the hub's own tokenizer code is broken on transformers 5
+        tokenizer = load_baichuan_tokenizer(model_name_or_path)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.unk_token if tokenizer.unk_token is not None else tokenizer.eos_token
+    tokenizer.padding_side = padding_side
+    return tokenizer
+
+
+# --- weights -----------------------------------------------------------------------------------------------------
+def load_pretrained(
+    path: str,
+    task: str = "causal_lm",
+    *,
+    quantization: str | None = None,
+    dtype: torch.dtype | None = None,
+    trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
+    **config_kwargs: Any,
+) -> PreTrainedModel:
+    """Weights of `path` for `task`, quantized and placed as this process needs; not moved otherwise."""
+    model_class, _ = TASKS[task]
+    quantized = quantization_config(quantization)
+    return model_class.from_pretrained(
+        path,
+        quantization_config=quantized,
+        dtype=dtype or compute_dtype(),
+        device_map=device_map_for_this_process(quantized is not None),
+        trust_remote_code=trust_remote_code,
+        **({"attn_implementation": attn_implementation} if attn_implementation else {}),
+        **config_kwargs,
+    )
+
+
+def load_model(
+    args: FinetuneArguments,
+    gradient_checkpointing: bool,
+    task: str = "causal_lm",
+    modules_to_save: list[str] | None = None,
+    **config_kwargs: Any,
+) -> PreTrainedModel:
+    """Load weights for training as the train args say and attach LoRA when fine-tuning is not full."""
+    full = args.finetuning_type == "full"
+    model = load_pretrained(
+        args.model_name_or_path,
+        task,
+        quantization=args.quantization,
+        dtype=torch.float32 if full else compute_dtype(),
+        trust_remote_code=args.trust_remote_code,
+        attn_implementation=args.attn_implementation,
+        **config_kwargs,
+    )
+    model.config.use_cache = False  # no KV cache while training; also lets packed batches be detected
+    if args.quantization is not None:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    if full:
+        return model
+    if gradient_checkpointing:
+        model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need a grad path
+    return attach_lora(model, args, task, modules_to_save)
+
+
+def attach_lora(model: PreTrainedModel, args: FinetuneArguments, task: str, modules_to_save: list[str] | None = None):
+    """New LoRA weights on every linear layer but the output head (or `lora_target_modules`)."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=args.lora_rank,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        target_modules=args.lora_target_modules or "all-linear",
+        modules_to_save=modules_to_save,
+        task_type=TASKS[task][1],
+        bias="none",
+    )
+    model = get_peft_model(model, config)
+    trainable, total = model.get_nb_trainable_parameters()
+    logger.info("LoRA: %d trainable of %d parameters (%.3f%%)", trainable, total, 100 * trainable / total)
+    return model
+
+
+def load_adapter(model: PreTrainedModel, adapter: str, task: str = "causal_lm"):
+    """A trained adapter on `model`; an adapter of another task (an RM adapter given for chat) is refused."""
+    from peft import PeftModel
+
+    saved = (read_adapter_config(adapter) or {}).get("task_type")
+    expected = TASKS[task][1]
+    if saved and saved != expected:
+        kind = "reward-model" if saved == "SEQ_CLS" else "causal-LM"
+        hint = "pass it as --reward_model" if saved == "SEQ_CLS" else "pass it as --adapter"
+        raise ConfigError(f"'adapter' {adapter!r} is a {kind} adapter (task_type {saved}); {hint}")
+    return PeftModel.from_pretrained(model, adapter)
+
+
+def load_for_inference(
+    path: str,
+    task: str = "causal_lm",
+    *,
+    adapter: str | None = None,
+    quantization: str | None = None,
+    trust_remote_code: bool = False,
+    **config_kwargs: Any,
+) -> PreTrainedModel:
+    """Weights (plus an adapter) in eval mode on this process's device, in the compute dtype."""
+    model = load_pretrained(path, task, quantization=quantization, trust_remote_code=trust_remote_code, **config_kwargs)
+    if quantization is None:
+        model.to(inference_device())
+    if adapter:
+        model = load_adapter(model, adapter, task)
+    model.eval()
+    return model

@@ -1,0 +1,112 @@
+"""Steps every training recipe shares: logging, resume, and what is written at the end (weights, metrics, plot)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from transformers import TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
+
+from component.config.training import FinetuneArguments, save_resolved
+from component.data.pipeline import PreparedData, write_data_report
+
+logger = logging.getLogger(__name__)
+
+
+def setup_logging(training_args: TrainingArguments) -> None:
+    """Progress on rank 0 only; warnings everywhere."""
+    level = logging.INFO if training_args.process_index == 0 else logging.WARNING
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=level, stream=sys.stdout, force=True
+    )
+    import datasets
+    import transformers
+
+    transformers.utils.logging.set_verbosity(level)
+    datasets.utils.logging.set_verbosity(logging.WARNING)
+
+
+def record_data(
+    args: FinetuneArguments,
+    training_args: TrainingArguments,
+    data: PreparedData,
+    preview_columns: tuple[str, ...],
+    show_example: Callable[[dict], str],
+    unit: str = "examples",
+) -> None:
+    """Rank 0 writes train_args.json, data_report.json and data_preview.jsonl and logs one example and the counts.
+
+    The report is written first, so a run with no data left still says why (its skip counts).
+    """
+    output_dir = training_args.output_dir
+    if training_args.process_index == 0:
+        save_resolved(args, training_args, output_dir)
+        write_data_report(data, output_dir, preview_columns)
+    if len(data.train) == 0:
+        raise ValueError(f"no training {unit} left: see the skip counts in {output_dir}/data_report.json")
+    if training_args.process_index == 0:
+        logger.info("%s", show_example(data.train[0]))
+        logger.info(
+            "Data: %d train / %d eval %s; report in %s/data_report.json",
+            data.report["examples"],
+            data.report["eval_examples"],
+            unit,
+            output_dir,
+        )
+
+
+def resolve_resume(training_args: TrainingArguments) -> str | None:
+    """`resume_from_checkpoint: true` means the latest checkpoint in output_dir."""
+    value = training_args.resume_from_checkpoint
+    if value != "true":
+        return value
+    last = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
+    if last is None:
+        logger.warning(
+            "resume_from_checkpoint: no checkpoint in %s yet, starting from scratch", training_args.output_dir
+        )
+    return last
+
+
+def plot_loss(log_history: list[dict], output_dir: str, keys: tuple[str, ...] = ("loss", "eval_loss")) -> Path | None:
+    """training_loss.png: each logged metric in `keys` against the step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = {k: [(e["step"], e[k]) for e in log_history if k in e and "step" in e] for k in keys}
+    series = {k: v for k, v in series.items() if v}
+    if not series:
+        return None
+    figure, axes = plt.subplots(1, len(series), figsize=(5 * len(series), 3.5), squeeze=False)
+    for axis, (key, points) in zip(axes[0], series.items()):
+        steps, values = zip(*points)
+        axis.plot(steps, values, marker="o" if len(points) < 30 else None)
+        axis.set_xlabel("step")
+        axis.set_title(key)
+        axis.grid(alpha=0.3)
+    figure.tight_layout()
+    path = Path(output_dir) / "training_loss.png"
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+def finish_training(trainer, train_result, plot_keys: tuple[str, ...] = ("loss", "eval_loss")) -> None:
+    """Save weights (adapter or full), tokenizer, metrics, trainer state and the loss plot; rank 0 writes."""
+    trainer.save_model()
+    metrics = train_result.metrics
+    trainer.log_metrics("train", metrics)
+    trainer.save_metrics("train", metrics)
+    trainer.save_state()
+    if trainer.eval_dataset is not None:
+        eval_metrics = trainer.evaluate()
+        trainer.log_metrics("eval", eval_metrics)
+        trainer.save_metrics("eval", eval_metrics)
+    if trainer.is_world_process_zero():
+        plot_loss(trainer.state.log_history, trainer.args.output_dir, plot_keys)
