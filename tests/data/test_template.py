@@ -135,3 +135,10 @@ def test_template_without_eos_is_refused(demo_tokenizer):
         get_template("human_assistant", NoEos())
     with pytest.raises(ValueError, match="valid: human_assistant"):
         get_template("alpaca", demo_tokenizer)
+
+
+def test_template_registry_matches_the_config_choices():
+    from component.config.choices import TEMPLATES
+    from component.data.template import TEMPLATE_CLASSES
+
+    assert tuple(TEMPLATE_CLASSES) == TEMPLATES
