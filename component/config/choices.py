@@ -19,3 +19,4 @@ PREFERENCE_FORMATS = (
     "openai_preference",
 )
 DATA_FORMATS = ("auto", *SFT_FORMATS, *PREFERENCE_FORMATS)
+NONFINITE_MODES = ("stop", "skip")

@@ -19,9 +19,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from component.config.errors import UserFacingError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserFacingError, ValueError):
     """A settings file or override that cannot work; the message names the key (and the file, if any)."""
+
+    label = "config error"
 
 
 class HelpRequested(Exception):
@@ -59,6 +63,8 @@ def check_value(where: str, value: Any, annotation: Any, from_cli: bool) -> Any:
                 errors.append(str(error))
         raise ConfigError(errors[0] if errors else f"{where} must not be null")
     if annotation is Any:
+        if from_cli and value in ("null", "None"):  # `--eval_file null` means none, not a file named null
+            return None
         return json.loads(value) if from_cli and value[:1] in "[{" else value
     if origin in (list, tuple):
         if from_cli and isinstance(value, str):
@@ -210,11 +216,25 @@ def usage(prog: str, doc: str, file_flag: str, fields: dict[str, dataclasses.Fie
     return "\n".join(lines)
 
 
+DEBUG_FLAG = "--debug"
+
+
 def run_cli(main: Callable[[list[str]], Any], argv: list[str], help_text: Callable[[], str]) -> None:
-    """An entry point's `__main__`: `--help` prints the key list; a ConfigError is one line and exit status 1."""
+    """An entry point's `__main__`: `--help` prints the key list; a user-facing error (bad settings, bad data,
+    a full disk, a signal) is one line on stderr and its exit code; `--debug` shows the traceback instead."""
+    debug = DEBUG_FLAG in argv
+    argv = [a for a in argv if a != DEBUG_FLAG]
     try:
         main(argv)
     except HelpRequested:
         print(help_text())
-    except ConfigError as error:
-        sys.exit(f"config error: {error}")
+    except UserFacingError as error:
+        if debug:
+            raise
+        print(f"{error.label}: {error}", file=sys.stderr)
+        sys.exit(error.exit_code)
+    except KeyboardInterrupt:  # a Ctrl-C outside training (training saves first: train.guards)
+        if debug:
+            raise
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -23,7 +23,7 @@ from transformers import (
     PreTrainedModel,
 )
 
-from component.config.parser import ConfigError
+from component.config.parser import ConfigError, closest
 from component.config.training import FinetuneArguments
 from component.model.baichuan import is_baichuan_config, load_baichuan_tokenizer
 
@@ -173,6 +173,7 @@ def attach_lora(model: PreTrainedModel, args: FinetuneArguments, task: str, modu
     """New LoRA weights on every linear layer but the output head (or `lora_target_modules`)."""
     from peft import LoraConfig, get_peft_model
 
+    check_target_modules(model, args.lora_target_modules)
     config = LoraConfig(
         r=args.lora_rank,
         lora_alpha=args.lora_alpha,
@@ -188,6 +189,42 @@ def attach_lora(model: PreTrainedModel, args: FinetuneArguments, task: str, modu
     return model
 
 
+def check_target_modules(model: PreTrainedModel, targets: list[str] | None) -> None:
+    """Every `lora_target_modules` name must match a module of this model (right after loading, before training)."""
+    if not targets:
+        return
+    names = {name for name, _ in model.named_modules() if name}
+    leaves = {name.rsplit(".", 1)[-1] for name in names}
+    unknown = [t for t in targets if t not in leaves and t not in names and not any(n.endswith("." + t) for n in names)]
+    if unknown:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        hint = closest(unknown[0], sorted(leaves))
+        raise ConfigError(
+            f"'lora_target_modules': {unknown} not found in {type(model).__name__}.{hint} "
+            f"Its linear layers: {', '.join(linear)}"
+        )
+
+
+def _mismatch_error(adapter: str, error: Exception) -> ConfigError | None:
+    """Peft's dozens of size-mismatch lines -> one line naming the adapter's base and the first mismatch."""
+    text = str(error)
+    if "size mismatch" not in text:
+        return None
+    import re
+
+    shapes = re.findall(
+        r"size mismatch for ([\w.]+): copying a param with shape (torch.Size\(\[[^\]]*\]\)) from "
+        r"checkpoint, the shape in current model is (torch.Size\(\[[^\]]*\]\))",
+        text,
+    )
+    base = (read_adapter_config(adapter) or {}).get("base_model_name_or_path")
+    first = f"; e.g. {shapes[0][0]}: adapter {shapes[0][1]} vs model {shapes[0][2]}" if shapes else ""
+    return ConfigError(
+        f"adapter {adapter!r} was trained on base {base!r} and does not fit this model: "
+        f"{len(shapes) or 'some'} weights differ in shape{first}"
+    )
+
+
 def load_adapter(model: PreTrainedModel, adapter: str, task: str = "causal_lm"):
     """A trained adapter on `model`; an adapter of another task (an RM adapter given for chat) is refused."""
     from peft import PeftModel
@@ -198,7 +235,13 @@ def load_adapter(model: PreTrainedModel, adapter: str, task: str = "causal_lm"):
         kind = "reward-model" if saved == "SEQ_CLS" else "causal-LM"
         hint = "pass it as --reward_model" if saved == "SEQ_CLS" else "pass it as --adapter"
         raise ConfigError(f"'adapter' {adapter!r} is a {kind} adapter (task_type {saved}); {hint}")
-    return PeftModel.from_pretrained(model, adapter)
+    try:
+        return PeftModel.from_pretrained(model, adapter)
+    except RuntimeError as error:
+        mismatch = _mismatch_error(adapter, error)
+        if mismatch is None:
+            raise
+        raise mismatch from None
 
 
 def load_for_inference(
