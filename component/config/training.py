@@ -219,7 +219,14 @@ def _apply_training_defaults(values: dict[str, Any]) -> None:
     import torch
 
     values.setdefault("report_to", ["tensorboard"])
-    values.setdefault("gradient_checkpointing_kwargs", {"use_reentrant": False})
+    from transformers import TrainingArguments
+
+    # transformers 5 renamed the key; setting the old name ourselves would warn on every run
+    renamed = "activation_checkpointing_kwargs" in {f.name for f in dataclasses.fields(TrainingArguments)}
+    if not values.keys() & {"activation_checkpointing_kwargs", "gradient_checkpointing_kwargs"}:
+        values["activation_checkpointing_kwargs" if renamed else "gradient_checkpointing_kwargs"] = {
+            "use_reentrant": False
+        }
     # A NaN loss must show as nan, not as the running average (0.0 on the first steps); train.guards acts on it.
     values.setdefault("logging_nan_inf_filter", False)
     values.setdefault("ddp_find_unused_parameters", False)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +91,34 @@ def read_adapter_config(folder: str | Path | None) -> dict[str, Any] | None:
     """A PEFT adapter folder's adapter_config.json, or None when the folder holds no adapter."""
     file = Path(folder or "") / "adapter_config.json"
     return json.loads(file.read_text(encoding="utf-8")) if folder and file.is_file() else None
+
+
+def folder_kind(folder: str | Path) -> str:
+    """What an output or model folder holds: reward_adapter, sft_adapter, reward_model, causal_lm or none."""
+    adapter = read_adapter_config(folder)
+    if adapter is not None:
+        return "reward_adapter" if adapter.get("task_type") == "SEQ_CLS" else "sft_adapter"
+    config = Path(folder) / "config.json"
+    if not config.is_file():
+        return "none"
+    try:
+        architectures = json.loads(config.read_text(encoding="utf-8")).get("architectures") or []
+    except ValueError:
+        return "none"
+    return "reward_model" if any(a.endswith("ForSequenceClassification") for a in architectures) else "causal_lm"
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def check_local_model(path: str | None, what: str) -> None:
+    """A model that is not on disk is an error at once, unless it is clearly a hub id (org/name)."""
+    if not path:
+        raise ConfigError(f"{what} is not known")
+    if Path(path).is_dir():
+        return
+    if Path(path).is_absolute() or path.startswith((".", "~")) or not _HUB_ID.match(path):
+        raise ConfigError(f"{what} {path!r} is not a folder on this machine")
 
 
 def adapter_base(folder: str | Path) -> str | None:
@@ -210,8 +239,6 @@ def _mismatch_error(adapter: str, error: Exception) -> ConfigError | None:
     text = str(error)
     if "size mismatch" not in text:
         return None
-    import re
-
     shapes = re.findall(
         r"size mismatch for ([\w.]+): copying a param with shape (torch.Size\(\[[^\]]*\]\)) from "
         r"checkpoint, the shape in current model is (torch.Size\(\[[^\]]*\]\))",
