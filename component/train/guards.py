@@ -166,7 +166,9 @@ class NonFiniteGuard(TrainerCallback):
         if self.mode == "stop" and isinstance(loss, float) and not math.isfinite(loss) and not args.fp16:
             self._stop(args, state, f"logged loss {loss}")
         if self.skipped:
-            logs["nonfinite_skipped"] = self.skipped
+            logs["nonfinite_skipped"] = self.skipped  # for the loggers (TensorBoard) called after us
+            if state.log_history and "loss" in state.log_history[-1]:  # Trainer recorded it before on_log
+                state.log_history[-1]["nonfinite_skipped"] = self.skipped
 
 
 class ReliableTrainerMixin(AtomicCheckpointMixin):

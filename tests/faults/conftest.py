@@ -93,6 +93,7 @@ def run_forked(body, log_path: Path) -> int:
             fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
             os.dup2(fd, 1)
             os.dup2(fd, 2)
+            sys.stdout = sys.stderr = open(fd, "w", buffering=1, closefd=False)  # noqa: SIM115  (pytest replaced both)
             torch.set_num_threads(1)
             body()
         except SystemExit as error:
