@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import errno
 import json
 import sys
 import types
@@ -19,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from component.config.errors import UserFacingError
+from component.config.errors import EXIT_IO, UserFacingError
 
 
 class ConfigError(UserFacingError, ValueError):
@@ -233,6 +234,11 @@ def run_cli(main: Callable[[list[str]], Any], argv: list[str], help_text: Callab
             raise
         print(f"{error.label}: {error}", file=sys.stderr)
         sys.exit(error.exit_code)
+    except OSError as error:
+        if debug or error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"disk full: {error}", file=sys.stderr)  # outside a checkpoint save (those say more)
+        sys.exit(EXIT_IO)
     except KeyboardInterrupt:  # a Ctrl-C outside training (training saves first: train.guards)
         if debug:
             raise

@@ -12,7 +12,7 @@ from transformers import TrainingArguments
 
 from component.config.training import FinetuneArguments, save_resolved
 from component.data.pipeline import NoDataError, PreparedData, write_data_report
-from component.train.checkpoints import CheckpointError, find_resumable
+from component.train.checkpoints import CheckpointError, find_resumable, is_disk_full
 from component.train.guards import OutputDirLock, check_finite_weights
 
 logger = logging.getLogger(__name__)
@@ -151,7 +151,17 @@ def _finish(trainer, train_result, plot_keys: tuple[str, ...]) -> None:
     if guard is not None:
         guard.raise_if_stopped(trainer.args.output_dir)
     check_finite_weights(trainer.model)
-    trainer.save_model()
+    try:
+        trainer.save_model()
+    except Exception as error:
+        if not is_disk_full(error):
+            raise
+        last, _ = find_resumable(trainer.args.output_dir)
+        kept = f"the last checkpoint {last} is intact" if last else "there is no checkpoint"
+        raise CheckpointError(
+            f"disk full while saving the final model to {trainer.args.output_dir}; {kept}. Free space, then rerun "
+            "with --resume_from_checkpoint true"
+        ) from error
     metrics = train_result.metrics
     trainer.log_metrics("train", metrics)
     trainer.save_metrics("train", metrics)

@@ -282,3 +282,14 @@ def test_malformed_rows_and_excluded_scenarios_are_counted(tmp_path):
     )
     _, report = read_sft_file(str(safety), safety_scenarios=["A"])
     assert report.skipped == {"scenario_excluded": 1} and report.kept == 1
+
+
+def test_a_full_disk_anywhere_is_one_line_and_exit_74(capsys):
+    import errno
+    import os
+
+    def main(argv):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "out/data_report.json")
+
+    code, err = run_entry(main, [], capsys)
+    assert code == 74 and err.strip().startswith("disk full: ") and "data_report.json" in err
