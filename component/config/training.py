@@ -136,6 +136,27 @@ def recipe_fields(ours: type[FinetuneArguments] = FinetuneArguments) -> dict[str
     return fields_of(ours, TrainingArguments)
 
 
+def _training_argument_names() -> set[str]:
+    """TrainingArguments' field names read from its source (importing it costs seconds of torch); {} if unsure."""
+    import ast
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("transformers")
+        source = Path(spec.submodule_search_locations[0]) / "training_args.py"
+        tree = ast.parse(source.read_text(encoding="utf-8"))
+    except (AttributeError, ImportError, OSError, SyntaxError, TypeError, IndexError):
+        return set()
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and node.name == "TrainingArguments":
+            return {
+                n.target.id
+                for n in node.body
+                if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name) and not n.target.id.startswith("_")
+            }
+    return set()
+
+
 def check_usage_early(argv: list[str], prog: str, doc: str, ours: type[FinetuneArguments] = FinetuneArguments) -> None:
     """`--help` and a missing or unreadable train-args file, answered before torch loads (seconds earlier).
 
@@ -144,10 +165,24 @@ def check_usage_early(argv: list[str], prog: str, doc: str, ours: type[FinetuneA
     import sys
 
     try:
-        train_args_file, _ = split_argv([a for a in argv if a != "--debug"], TRAIN_ARGS_FLAG)
+        train_args_file, overrides = split_argv([a for a in argv if a != "--debug"], TRAIN_ARGS_FLAG)
         if train_args_file is None:
             raise ConfigError(f"missing --{TRAIN_ARGS_FLAG} (a JSON file under config/); see {prog} --help")
-        read_json_object(train_args_file, TRAIN_ARGS_FLAG)
+        raw = read_json_object(train_args_file, TRAIN_ARGS_FLAG)
+        theirs = _training_argument_names()
+        if theirs:  # unknown keys and our keys' types/choices, still without torch
+            ours_only = fields_of(ours)
+            known = {**ours_only, **{name: None for name in theirs if name not in ours_only}}
+            check_settings(
+                {k: v for k, v in known.items() if v is not None},
+                {k: v for k, v in raw.items() if k in ours_only},
+                {k: v for k, v in overrides.items() if k in ours_only},
+                train_args_file,
+                prog,
+            )
+            check_settings(known, {k: v for k, v in raw.items() if k not in known}, {}, train_args_file, prog)
+            unknown_cli = {k: v for k, v in overrides.items() if k not in known}
+            check_settings(known, {}, unknown_cli, train_args_file, prog)
     except HelpRequested:
         more = (
             "Every transformers.TrainingArguments key is accepted too (output_dir, learning_rate, max_steps, "

@@ -136,10 +136,14 @@ def test_help_and_usage_errors_answer_before_torch_loads(tmp_path):
         assert usage.returncode == 1 and usage.stderr.strip() == (
             f"config error: missing --train_args_file (a JSON file under config/); see {script} --help"
         )
-        assert time.time() - start < 5, "torch was imported before the arguments were read"
-        check = f"import sys; sys.argv = ['{script}', '--help']; import runpy; runpy.run_path('{script}', run_name='__main__')"
-        probe = subprocess.run([sys.executable, "-c", check + "\n"], cwd=REPO, capture_output=True, text=True)
-        assert probe.returncode == 0
+        typo = subprocess.run(
+            [sys.executable, script, "--train_args_file", "config/demo/sft_lora.json", "--lora_rnak", "4"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+        )
+        assert typo.returncode == 1 and "unknown option '--lora_rnak'. Did you mean 'lora_rank'?" in typo.stderr
+        assert time.time() - start < 6, "torch was imported before the arguments were read"
 
 
 # -- generate.py score: each line checked, file:line named ----------------------------------------------------
