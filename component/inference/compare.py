@@ -22,7 +22,7 @@ from component.config.generation import GenerationSettings
 from component.config.inference import DEFAULT_QUESTIONS, CompareOptions
 from component.config.parser import ConfigError
 from component.data.conversation import Conversation, Turn
-from component.data.readers import DataFormatError, read_sft_file
+from component.data.readers import DataFormatError, read_sft_file, utf8_error_position
 from component.data.template import Template
 from component.inference.engine import context_length, generate_answers, load_for_generation
 from component.inference.report import CompareResult, write_reports
@@ -45,12 +45,20 @@ def read_questions(path: str, with_references: bool = False, system: str | None 
     if Path(path).suffix == ".txt":
         if with_references:
             raise ConfigError(f"'references' {path!r}: a .txt file has no answers; use JSONL (e.g. Firefly layout)")
-        lines = Path(path).read_text(encoding="utf-8-sig").splitlines()
-        return [Question(line.strip(), system=system) for line in lines if line.strip()]
+        try:
+            lines = Path(path).read_text(encoding="utf-8-sig").splitlines()
+        except UnicodeDecodeError as error:
+            raise DataFormatError(f"{utf8_error_position(path)}: not valid UTF-8 ({error.reason})") from None
+        questions = [Question(line.strip(), system=system) for line in lines if line.strip()]
+        if not questions:
+            raise DataFormatError(f"{path}: no questions (one a line)")
+        return questions
     try:
         conversations, _ = read_sft_file(path)
     except DataFormatError as error:
         raise ConfigError(str(error)) from None
+    if not conversations:
+        raise DataFormatError(f"{path}: no usable questions (see the skip warnings above)")
     questions = []
     for conversation in conversations:
         *history, last = conversation.turns

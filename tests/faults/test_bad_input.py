@@ -297,3 +297,17 @@ def test_a_full_disk_anywhere_is_one_line_and_exit_74(capsys):
 
     code, err = run_entry(main, [], capsys)
     assert code == 74 and err.strip().startswith("disk full: ") and "data_report.json" in err
+
+
+def test_compare_questions_files_name_the_bad_line(tmp_path):
+    from component.data.readers import DataFormatError
+    from component.inference.compare import read_questions
+
+    bad = tmp_path / "questions.txt"
+    bad.write_bytes("第一个问题\n".encode() + b"ok \xff\n")
+    with pytest.raises(DataFormatError, match=r"questions.txt:2:4: not valid UTF-8"):
+        read_questions(str(bad))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n", encoding="utf-8")
+    with pytest.raises(DataFormatError, match="no questions"):
+        read_questions(str(empty))

@@ -157,7 +157,7 @@ class RecordReader:
                     continue
                 yield n, key, rec
         except UnicodeDecodeError as e:
-            raise DataFormatError(f"{_utf8_error_position(self.path)}: not valid UTF-8 ({e.reason})") from None
+            raise DataFormatError(f"{utf8_error_position(self.path)}: not valid UTF-8 ({e.reason})") from None
         except (gzip.BadGzipFile, EOFError) as e:
             raise DataFormatError(f"{self.path}: broken gzip stream ({e})") from None
 
@@ -302,7 +302,7 @@ def _line_error(line: str, n: int, e: json.JSONDecodeError) -> str:
     return f"malformed JSON: {e.msg}: line {n} column {e.colno}"
 
 
-def _utf8_error_position(path: str) -> str:
+def utf8_error_position(path: str) -> str:
     """file:line:column of the first byte that is not UTF-8 (the decoder only knows its buffer offset)."""
     opener = gzip.open if path.endswith(".gz") else open
     try:
