@@ -22,7 +22,7 @@ import struct
 import zipfile
 from pathlib import Path
 
-from component.config.errors import EXIT_IO, UserFacingError
+from component.config.errors import EXIT_INPUT, EXIT_IO, UserFacingError
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +36,12 @@ class CheckpointError(UserFacingError):
 
     label = "checkpoint error"
     exit_code = EXIT_IO
+
+
+class UnusableCheckpoint(CheckpointError):
+    """`resume_from_checkpoint` names a checkpoint that is incomplete or damaged."""
+
+    exit_code = EXIT_INPUT
 
 
 def checkpoint_folders(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:

@@ -12,7 +12,14 @@ from transformers import TrainingArguments
 
 from component.config.training import FinetuneArguments, save_resolved
 from component.data.pipeline import NoDataError, PreparedData, write_data_report
-from component.train.checkpoints import CheckpointError, find_resumable, is_disk_full
+from component.train.checkpoints import (
+    COMPLETE_MARKER,
+    CheckpointError,
+    UnusableCheckpoint,
+    checkpoint_problem,
+    find_resumable,
+    is_disk_full,
+)
 from component.train.guards import OutputDirLock, check_finite_weights
 
 logger = logging.getLogger(__name__)
@@ -81,7 +88,7 @@ def resolve_resume(training_args: TrainingArguments) -> str | None:
     if value != "true":
         chosen, skipped = find_resumable_path(value)
         if chosen is None:
-            raise CheckpointError(f"cannot resume from {value}: {skipped}")
+            raise UnusableCheckpoint(f"cannot resume from {value}: {skipped}; use true for the newest usable one")
         return value
     output_dir = training_args.output_dir
     last, skipped = find_resumable(output_dir) if os.path.isdir(output_dir) else (None, [])
@@ -99,8 +106,6 @@ def resolve_resume(training_args: TrainingArguments) -> str | None:
 
 def find_resumable_path(folder: str) -> tuple[str | None, str]:
     """An explicit checkpoint path: itself if complete, else (None, why)."""
-    from component.train.checkpoints import COMPLETE_MARKER, checkpoint_problem
-
     marked = (Path(folder) / COMPLETE_MARKER).is_file()
     problem = checkpoint_problem(folder, require_marker=marked)
     return (None, problem) if problem else (folder, "")

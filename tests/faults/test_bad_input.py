@@ -311,3 +311,14 @@ def test_compare_questions_files_name_the_bad_line(tmp_path):
     empty.write_text("\n\n", encoding="utf-8")
     with pytest.raises(DataFormatError, match="no questions"):
         read_questions(str(empty))
+
+
+def test_our_defaults_cause_no_warnings(tmp_path, fault_args):
+    import warnings
+
+    from component.config.training import build_arguments
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        warnings.simplefilter("error", DeprecationWarning)
+        build_arguments({**fault_args, "output_dir": str(tmp_path)})

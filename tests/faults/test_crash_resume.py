@@ -110,6 +110,7 @@ def test_a_truncated_file_in_the_newest_checkpoint_falls_back_naming_the_file(
     log = capsys.readouterr().out
     assert f"skipping checkpoint-{STEPS}: " in log and name in log.split(f"skipping checkpoint-{STEPS}: ")[1][:300]
     assert f"resume: from {finished_run / f'checkpoint-{STEPS - 1}'}" in log
+    assert log.count('"model_type": "llama"') <= 1, "the model config is dumped at every save again"
     assert_same_adapter(finished_run, reference_adapter)
 
 
@@ -192,3 +193,15 @@ def test_disk_full_at_the_final_save_keeps_the_last_checkpoint(tmp_path, fault_a
     monkeypatch.setattr(peft.peft_model, "safe_save_file", full_disk)
     with pytest.raises(CheckpointError, match=f"final model to {out}; the last checkpoint {out / 'checkpoint-2'}"):
         train(tmp_path, {**fault_args, "output_dir": str(out), "max_steps": 2})
+
+
+def test_an_explicit_damaged_checkpoint_is_refused_naming_the_file(finished_run):
+    from component.train.checkpoints import UnusableCheckpoint
+    from component.train.recipe import resolve_resume
+
+    folder = finished_run / "checkpoint-4"
+    (folder / "rng_state.pth").write_bytes(b"PK\x03\x04 cut")
+    args = type("A", (), {"resume_from_checkpoint": str(folder), "output_dir": str(finished_run)})()
+    with pytest.raises(UnusableCheckpoint, match="rng_state.pth is truncated or changed") as raised:
+        resolve_resume(args)
+    assert raised.value.exit_code == 1
