@@ -161,3 +161,29 @@ def test_stale_locks_are_taken_over(tmp_path):
     old = time.time() - 3600
     os.utime(tmp_path / LOCK_NAME, (old, old))  # heartbeat stopped an hour ago
     OutputDirLock(str(tmp_path)).acquire().release()
+
+
+def test_sigterm_from_outside_to_the_real_cli(tmp_path, fault_args, reference_adapter):
+    """What a scheduler does: SIGTERM to `python train_sft.py` mid-run -> one line, exit 75, exact resume."""
+    from tests.utils import REPO
+
+    out = tmp_path / "out"
+    args = {**fault_args, "output_dir": str(out)}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    command = [sys.executable, "train_sft.py", "--train_args_file", write_args(tmp_path, **args)]
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not (out / "checkpoint-1" / "checkpoint_complete.json").exists() and process.poll() is None:
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=240)
+    if process.returncode == 0:
+        pytest.skip("the run finished before the signal arrived")
+    assert process.returncode == EXIT_INTERRUPTED, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("interrupted: SIGTERM at step ") and "Traceback" not in err, err[-3000:]
+    step = int(last.split("at step ")[1].split(":")[0])
+    assert checkpoint_problem(out / f"checkpoint-{step}") is None
+    train(tmp_path, args, "--resume_from_checkpoint", "true")
+    assert_same_adapter(out, reference_adapter)
