@@ -11,6 +11,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -158,12 +159,10 @@ def _training_argument_names() -> set[str]:
 
 
 def check_usage_early(argv: list[str], prog: str, doc: str, ours: type[FinetuneArguments] = FinetuneArguments) -> None:
-    """`--help` and a missing or unreadable train-args file, answered before torch loads (seconds earlier).
-
-    Called by the recipes' `__main__` ahead of their heavy imports; prints and exits like `run_cli`.
+    """`--help`, a missing or unreadable train-args file, unknown keys and our keys' types and choices, answered
+    before torch loads (seconds earlier). Called by the recipes' `__main__` ahead of their heavy imports; prints
+    and exits like `run_cli`. The full checks still run in `load_arguments`.
     """
-    import sys
-
     try:
         train_args_file, overrides = split_argv([a for a in argv if a != "--debug"], TRAIN_ARGS_FLAG)
         if train_args_file is None:
