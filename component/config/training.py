@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from transformers import TrainingArguments
 
-from component.config.choices import FINETUNING_TYPES, MOSS_TOOL_MODES, QUANTIZATIONS, TEMPLATES
+from component.config.choices import DPO_LOSSES, FINETUNING_TYPES, MOSS_TOOL_MODES, QUANTIZATIONS, TEMPLATES
 from component.config.parser import (
     ConfigError,
     check_settings,
@@ -82,6 +82,10 @@ class FinetuneArguments:
             "(needs the flash-attn package; makes `packing: null` pack)."
         },
     )
+    adapter_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "A trained LoRA adapter (e.g. an SFT output_dir) to continue training instead of a new one."},
+    )
     dry_run: bool = field(default=False, metadata={"help": "Read data and tokenizer only, write the data report."})
 
     def __post_init__(self) -> None:
@@ -103,6 +107,28 @@ class RewardArguments(FinetuneArguments):
     """Reward-model keys on top of the shared ones."""
 
     margin: float = field(default=0.0, metadata={"help": "Subtracted from r_chosen - r_rejected in the loss."})
+
+
+@dataclass
+class DPOArguments(FinetuneArguments):
+    """Preference-optimization keys on top of the shared ones (docs/dpo.md)."""
+
+    loss_type: str = field(default="sigmoid", metadata=choices(*DPO_LOSSES))
+    beta: float = field(
+        default=0.1, metadata={"help": "Strength of the KL regularisation (ORPO: weight of the odds term)."}
+    )
+    label_smoothing: float = field(
+        default=0.0, metadata={"help": "Assumed fraction of flipped labels (cDPO with sigmoid; robust); in [0, 0.5)."}
+    )
+    simpo_gamma: float = field(default=0.5, metadata={"help": "SimPO target reward margin gamma."})
+    sft_weight: float = field(default=0.0, metadata={"help": "Weight of an SFT (NLL) term on the chosen reply (RPO)."})
+    precompute_ref_log_probs: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Reference log-probs in one pass before training, cached with the data; null = when the reference "
+            "is not simply the base with the adapter off (full fine-tuning, or a continued adapter)."
+        },
+    )
 
 
 TRAIN_ARGS_FLAG = "train_args_file"
@@ -200,6 +226,23 @@ def validate(args: FinetuneArguments, training_args: TrainingArguments, source: 
     for spec in args.train_files + args.eval_files:
         if not os.path.isfile(spec["path"]):
             raise ConfigError(f"{source}: '{spec['key']}' file {spec['path']!r} does not exist")
+    if args.adapter_name_or_path is not None:
+        if args.finetuning_type == "full":
+            raise ConfigError(
+                f"{source}: 'adapter_name_or_path' continues a LoRA adapter; it needs 'finetuning_type' lora/qlora"
+            )
+        if not (Path(args.adapter_name_or_path) / "adapter_config.json").is_file():
+            raise ConfigError(
+                f"{source}: 'adapter_name_or_path' {args.adapter_name_or_path!r} has no adapter_config.json "
+                "(is it a LoRA output_dir?)"
+            )
+    if isinstance(args, DPOArguments):
+        if args.beta <= 0:
+            raise ConfigError(f"{source}: 'beta' must be > 0, got {args.beta}")
+        if not 0.0 <= args.label_smoothing < 0.5:
+            raise ConfigError(f"{source}: 'label_smoothing' must be in [0, 0.5), got {args.label_smoothing}")
+        if args.sft_weight < 0:
+            raise ConfigError(f"{source}: 'sft_weight' must be >= 0, got {args.sft_weight}")
     if args.packing and (args.group_by_length or training_args.train_sampling_strategy == "group_by_length"):
         raise ConfigError(f"{source}: 'packing' and 'group_by_length' exclude each other; pick one")
     if training_args.resume_from_checkpoint not in (None, "true") and not os.path.isdir(
