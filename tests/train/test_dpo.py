@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import train_dpo
 from component.data.collators import PairCollator
@@ -354,3 +354,124 @@ def test_unknown_loss_type_names_the_choices(tiny_llama_dir, tmp_path):
 
     with pytest.raises(ConfigError, match=r"loss_type must be one of .*\"sigmoid\".*Did you mean 'simpo'"):
         train_dpo.main(["--train_args_file", dpo_args(tmp_path, tiny_llama_dir), "--loss_type", "simpoo"])
+
+
+def shipped_dpo_config(tmp_path: Path, name: str, model: Path, data: Path, **overrides) -> str:
+    """config/dpo/<name> as shipped, with the model, every data path and the outputs pointed into the test."""
+    values = json.loads((REPO / "config" / "dpo" / name).read_text(encoding="utf-8"))
+
+    def local(spec):
+        if isinstance(spec, list):
+            return [local(s) for s in spec]
+        return {**spec, "path": str(data)} if isinstance(spec, dict) else str(data)
+
+    values.update(
+        model_name_or_path=str(model),
+        train_file=local(values["train_file"]),
+        eval_file=local(values["eval_file"]),
+        output_dir=str(tmp_path / "out"),
+        data_cache_dir=str(tmp_path / "cache"),
+        **overrides,
+    )
+    path = tmp_path / name
+    path.write_text(json.dumps(values), encoding="utf-8")
+    return str(path)
+
+
+@pytest.mark.slow
+def test_baichuan_13b_qlora_config_continues_an_sft_adapter(tmp_path, baichuan_13b_folder, shared_fixtures):
+    from peft import LoraConfig, get_peft_model
+
+    from component.model.baichuan import BaichuanForCausalLM
+
+    sft = tmp_path / "sft"  # an SFT adapter on the tiny Baichuan-13B-shaped base, as train_sft.py would leave
+    base = BaichuanForCausalLM.from_pretrained(baichuan_13b_folder)
+    get_peft_model(base, LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM")).save_pretrained(sft)
+    data = shared_fixtures / "datasets" / "rlhf-reward-single-round-trans_chinese.handmade.parquet"
+    args_file = shipped_dpo_config(
+        tmp_path, "lora_config.json", baichuan_13b_folder, data, adapter_name_or_path=str(sft)
+    )
+    overrides = ["--max_steps", "2", "--bf16", "false", "--optim", "adamw_torch", "--report_to", "none"]
+    trainer = train_dpo.main(["--train_args_file", args_file, *overrides])
+    assert trainer.reference == "precomputed" and trainer.state.global_step == 2
+    assert type(trainer.model.get_base_model()).__name__ == "BaichuanForCausalLM"
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+    results = json.loads((tmp_path / "out" / "eval_results.json").read_text())
+    assert {"eval_rewards/accuracies", "eval_rewards/margins", "eval_logps/chosen"} <= set(results)
+
+
+@pytest.mark.slow
+def test_hh_rlhf_qwen_config_dry_run(tmp_path, tiny_llama_dir, shared_fixtures):
+    data = shared_fixtures / "datasets" / "hh-rlhf.handmade.jsonl.gz"
+    train_dpo.main(
+        [
+            "--train_args_file",
+            shipped_dpo_config(tmp_path, "hh_rlhf_qwen.json", tiny_llama_dir, data),
+            "--dry_run",
+            "true",
+        ]
+    )
+    report = json.loads((tmp_path / "out" / "data_report.json").read_text(encoding="utf-8"))
+    assert [s["format"] for s in report["sources"]] == ["hh_rlhf", "hh_rlhf"] and report["examples"] == 12
+    preview = json.loads((tmp_path / "out" / "data_preview.jsonl").read_text().splitlines()[0])
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    trained = [t for t, label in zip(preview["chosen_input_ids"], preview["chosen_labels"]) if label != IGNORE_INDEX]
+    assert tokenizer.decode(trained).endswith("<|im_end|>\n")  # the chat template's end of turn is trained
+
+
+DDP_SCRIPT = """
+import sys
+sys.path.insert(0, {repo!r})
+import train_dpo
+train_dpo.main(["--train_args_file", {args!r}])
+"""
+
+
+@pytest.mark.slow
+def test_two_process_torchrun_equals_one_process_with_the_same_global_batch(tiny_llama_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from tests.utils import run_torchrun
+
+    single = dpo_args(
+        tmp_path / "one",
+        tiny_llama_dir,
+        per_device_train_batch_size=8,
+        max_steps=2,
+        optim="sgd",
+        lr_scheduler_type="constant",
+    )
+    train_dpo.main(["--train_args_file", single])
+    double = dpo_args(
+        tmp_path / "two",
+        tiny_llama_dir,
+        per_device_train_batch_size=4,
+        max_steps=2,
+        optim="sgd",
+        lr_scheduler_type="constant",
+    )
+    script = tmp_path / "run.py"
+    script.write_text(DDP_SCRIPT.format(repo=str(REPO), args=double), encoding="utf-8")
+    run_torchrun(script)
+    one, two = (load_file(tmp_path / name / "out/adapter_model.safetensors") for name in ("one", "two"))
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_resume_after_a_stop_equals_an_uninterrupted_run(tiny_llama_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from tests.utils import StopAfterStepCallback
+
+    def args(name: str) -> str:
+        return dpo_args(tmp_path / name, tiny_llama_dir, max_steps=4, save_strategy="steps", save_steps=2)
+
+    train_dpo.main(["--train_args_file", args("straight")])
+    resumed = args("resumed")
+    train_dpo.main(["--train_args_file", resumed], callbacks=[StopAfterStepCallback(2)])
+    train_dpo.main(["--train_args_file", resumed, "--resume_from_checkpoint", "true"])
+    straight = load_file(tmp_path / "straight/out/adapter_model.safetensors")
+    again = load_file(tmp_path / "resumed/out/adapter_model.safetensors")
+    for key in straight:
+        torch.testing.assert_close(again[key], straight[key], rtol=0, atol=1e-6)
