@@ -11,8 +11,10 @@ once before training (`ref_logps` in the batch), or a frozen copy. Losses: docs/
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import defaultdict
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -40,6 +42,25 @@ def decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     base = unwrap(model)
     base = base.get_base_model() if hasattr(base, "get_base_model") else base
     return base.get_decoder(), base.get_output_embeddings()
+
+
+@contextlib.contextmanager
+def as_reference(model: nn.Module, reference: str | nn.Module) -> Iterator[nn.Module]:
+    """The model that computes reference log-probs: `model` with its adapter off ("adapter_off") or with a frozen
+    second adapter active (its name), or the frozen `reference` model itself."""
+    if not isinstance(reference, str):
+        yield reference
+    elif reference == "adapter_off":
+        with unwrap(model).disable_adapter():
+            yield model
+    else:
+        peft_model = unwrap(model)
+        active = peft_model.active_adapter
+        peft_model.set_adapter(reference)
+        try:
+            yield model
+        finally:
+            peft_model.set_adapter(active)  # also makes the policy's adapter trainable again
 
 
 def token_logps(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
@@ -179,19 +200,8 @@ class DPOTrainer(Trainer):
             return None
         if self.reference == "precomputed":
             return inputs["ref_logps"].float()
-        with torch.no_grad():
-            if self.reference == "adapter_off":
-                with unwrap(model).disable_adapter():
-                    return sequence_logps(model, inputs, self.chunk)[0]
-            if isinstance(self.reference, str):  # a frozen second adapter on the same base
-                peft_model = unwrap(model)
-                active = peft_model.active_adapter
-                peft_model.set_adapter(self.reference)
-                try:
-                    return sequence_logps(model, inputs, self.chunk)[0]
-                finally:
-                    peft_model.set_adapter(active)  # also makes the policy's adapter trainable again
-            return sequence_logps(self.reference, inputs, self.chunk)[0]
+        with torch.no_grad(), as_reference(model, self.reference) as reference:
+            return sequence_logps(reference, inputs, self.chunk)[0]
 
     def pair_loss(self, model, inputs):
         ref_logps = self.reference_logps(model, inputs)  # first: switching adapters must not touch the policy graph
