@@ -140,3 +140,47 @@ def test_settings_that_cannot_work_name_the_key(tiny_llama_dir, tmp_path):
         train_rlhf.main(["--train_args_file", rl_args(tmp_path, tiny_llama_dir, algorithm="rloo", num_generations=1)])
     with pytest.raises(ConfigError, match="leaves no room"):
         train_rlhf.main(["--train_args_file", rl_args(tmp_path, tiny_llama_dir, max_new_tokens=64)])
+
+
+def shipped_rl_config(tmp_path: Path, name: str, model: Path, data: Path, **overrides) -> str:
+    values = json.loads((REPO / "config" / "rlhf" / name).read_text(encoding="utf-8"))
+    spec = values["train_file"]
+    (tmp_path / "rm").mkdir(parents=True, exist_ok=True)
+    values.update(
+        model_name_or_path=str(model),
+        train_file={**spec, "path": str(data)} if isinstance(spec, dict) else str(data),
+        reward_model=str(tmp_path / "rm"),
+        output_dir=str(tmp_path / "out"),
+        data_cache_dir=str(tmp_path / "cache"),
+        **overrides,
+    )
+    path = tmp_path / name
+    path.write_text(json.dumps(values), encoding="utf-8")
+    return str(path)
+
+
+def test_baichuan_grpo_config_dry_run_reads_the_safety_prompts(tmp_path, baichuan_13b_folder, shared_fixtures):
+    data = shared_fixtures / "datasets" / "safety_prompts.typical_safety_scenarios.handmade.json"
+    sft = tmp_path / "sft"
+    sft.mkdir()
+    (sft / "adapter_config.json").write_text("{}", encoding="utf-8")
+    args = shipped_rl_config(tmp_path, "lora_config.json", baichuan_13b_folder, data, adapter_name_or_path=str(sft))
+    assert train_rlhf.main(["--train_args_file", args, "--dry_run", "true"]) is None
+    report = json.loads((tmp_path / "out/data_report.json").read_text())
+    assert report["sources"][0]["format"] == "safety_prompts" and report["examples"] > 0
+    assert report["sources"][0]["skipped"].get("scenario_excluded", 0) > 0  # the config's scenarios only
+
+
+def test_rloo_qwen_config_reads_prompts_from_a_preference_file(tmp_path, tiny_llama_dir, shared_fixtures):
+    data = shared_fixtures / "datasets" / "hh-rlhf.handmade.jsonl.gz"
+    args = shipped_rl_config(tmp_path, "rloo_qwen.json", tiny_llama_dir, data, max_seq_length=512)
+    assert train_rlhf.main(["--train_args_file", args, "--dry_run", "true"]) is None
+    report = json.loads((tmp_path / "out/data_report.json").read_text())
+    source = report["sources"][0]
+    assert source["format"] == "hh_rlhf" and source["read"] == 6 and report["examples"] == 5
+    assert source["skipped"] == {"prompt_leaves_no_room": 1}  # counted: 256 new tokens leave too little room
+    preview = json.loads((tmp_path / "out/data_preview.jsonl").read_text().splitlines()[0])
+    from component.model.loader import load_tokenizer
+
+    text = load_tokenizer(str(tiny_llama_dir)).decode(preview["prompt_ids"])
+    assert text.endswith("<|im_start|>assistant\n")  # the generation prompt of the chat template
