@@ -115,10 +115,13 @@ def fields_of(*classes: type) -> dict[str, dataclasses.Field]:
     return result
 
 
-def split_argv(argv: list[str], file_flag: str) -> tuple[str | None, dict[str, str]]:
-    """`[--FILE_FLAG F] [--key value | --key=value | --flag ...]` -> (F or None, {key: raw string})."""
+def split_argv(argv: list[str], file_flag: str) -> tuple[str | None, dict[str, str | list[str]]]:
+    """`[--FILE_FLAG F] [--key value | --key=value | --flag ...]` -> (F or None, {key: raw string}).
+
+    A key given more than once collects its values in a list (e.g. `--adapter sft=A --adapter dpo=B`).
+    """
     settings_file = None
-    overrides: dict[str, str] = {}
+    overrides: dict[str, str | list[str]] = {}
     i = 0
     while i < len(argv):
         token = argv[i]
@@ -138,6 +141,9 @@ def split_argv(argv: list[str], file_flag: str) -> tuple[str | None, dict[str, s
             i += 1
         if key == file_flag:
             settings_file = value
+        elif key in overrides:
+            previous = overrides[key]
+            overrides[key] = [*previous, value] if isinstance(previous, list) else [previous, value]
         else:
             overrides[key] = value
     return settings_file, overrides
@@ -183,6 +189,8 @@ def check_settings(
                 raise ConfigError(f"unknown option '--{key}'.{hint} (see {prog or 'the script'} --help)")
             raise ConfigError(f"{source}: unknown key '{key}'.{hint}")
         where = f"--{key}" if cli else f"{source}: '{key}'"
+        if cli and isinstance(value, list) and not _takes_list(spec.type):
+            raise ConfigError(f"{where} is given {len(value)} times; it takes one value")
         value = check_value(where, value, spec.type, cli)
         allowed = spec.metadata.get("choices") if spec.metadata else None
         if allowed is not None and value not in allowed:
@@ -191,6 +199,11 @@ def check_settings(
             raise ConfigError(f"{where} must be one of {shown}, got {json.dumps(value)}.{hint}")
         values[key] = value
     return values
+
+
+def _takes_list(annotation: Any) -> bool:
+    options = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) else ()
+    return any(typing.get_origin(option) in (list, tuple) for option in (annotation, *options))
 
 
 def parse_settings(

@@ -18,12 +18,15 @@ from typing import TYPE_CHECKING, Any
 
 from component.config.choices import (
     DATA_FORMATS,
+    DPO_LOSSES,
     FINETUNING_TYPES,
     MOSS_TOOL_MODES,
     NONFINITE_MODES,
     QUANTIZATIONS,
+    RL_ALGORITHMS,
     TEMPLATES,
 )
+from component.config.generation import PRESETS
 from component.config.parser import (
     ConfigError,
     HelpRequested,
@@ -104,6 +107,10 @@ class FinetuneArguments:
             "optimizer step (counted and logged as nonfinite_skipped). docs/reliability.md.",
         ),
     )
+    adapter_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "A trained LoRA adapter (e.g. an SFT output_dir) to continue training instead of a new one."},
+    )
     dry_run: bool = field(default=False, metadata={"help": "Read data and tokenizer only, write the data report."})
 
     def __post_init__(self) -> None:
@@ -125,6 +132,65 @@ class RewardArguments(FinetuneArguments):
     """Reward-model keys on top of the shared ones."""
 
     margin: float = field(default=0.0, metadata={"help": "Subtracted from r_chosen - r_rejected in the loss."})
+
+
+@dataclass
+class DPOArguments(FinetuneArguments):
+    """Preference-optimization keys on top of the shared ones (docs/dpo.md)."""
+
+    loss_type: str = field(default="sigmoid", metadata=choices(*DPO_LOSSES))
+    beta: float = field(
+        default=0.1, metadata={"help": "Strength of the KL regularisation (ORPO: weight of the odds term)."}
+    )
+    label_smoothing: float = field(
+        default=0.0, metadata={"help": "Assumed fraction of flipped labels (cDPO with sigmoid; robust); in [0, 0.5)."}
+    )
+    simpo_gamma: float = field(default=0.5, metadata={"help": "SimPO target reward margin gamma."})
+    sft_weight: float = field(default=0.0, metadata={"help": "Weight of an SFT (NLL) term on the chosen reply (RPO)."})
+    precompute_ref_log_probs: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Reference log-probs in one pass before training, cached with the data; null = when the reference "
+            "is not simply the base with the adapter off (full fine-tuning, or a continued adapter)."
+        },
+    )
+
+
+@dataclass
+class RLArguments(FinetuneArguments):
+    """Online RL keys on top of the shared ones (docs/rlhf.md). train_file: prompts (any SFT or preference file)."""
+
+    algorithm: str = field(default="grpo", metadata=choices(*RL_ALGORITHMS))
+    reward_model: str | None = field(default=None, metadata={"help": "A train_rm.py output folder (adapter or full)."})
+    reward_base_model: str | None = field(
+        default=None, metadata={"help": "Base of a reward-model adapter; default: its train_args.json."}
+    )
+    reward_quantization: str | None = field(
+        default=None, metadata=choices(*QUANTIZATIONS, help="Load the reward model in 4bit or 8bit.")
+    )
+    reward_model_weight: float = field(default=1.0, metadata={"help": "Weight of the reward model's score."})
+    exact_match_weight: float = field(
+        default=0.0, metadata={"help": "Weight of a rule reward: 1 when the completion equals the record's reply."}
+    )
+    reward_function: str | None = field(
+        default=None,
+        metadata={"help": "A user reward 'module:function'(prompts, completions, references) -> list of floats."},
+    )
+    reward_function_weight: float = field(default=1.0, metadata={"help": "Weight of reward_function."})
+    num_generations: int = field(default=4, metadata={"help": "Completions sampled per prompt (the group)."})
+    num_iterations: int = field(default=1, metadata={"help": "Optimisation passes over each batch of completions."})
+    beta: float = field(default=0.04, metadata={"help": "KL coefficient to the reference (0: no KL term)."})
+    clip_range: float = field(default=0.2, metadata={"help": "PPO-clip epsilon of the probability ratio."})
+    scale_rewards: bool = field(default=True, metadata={"help": "GRPO: divide by the group's std."})
+    generation_preset: str = field(
+        default="top_k", metadata=choices(*PRESETS, help="generate.py preset to sample with.")
+    )
+    temperature: float | None = field(default=None, metadata={"help": "Sampling temperature; default: the preset's."})
+    max_new_tokens: int = field(default=64, metadata={"help": "Longest completion."})
+    mask_truncated_completions: bool = field(
+        default=False, metadata={"help": "No loss on completions cut by max_new_tokens (they never ended)."}
+    )
+    sample_log_steps: int = field(default=10, metadata={"help": "Every N steps a few rows go to samples.jsonl."})
 
 
 TRAIN_ARGS_FLAG = "train_args_file"
@@ -375,6 +441,25 @@ def validate(args: FinetuneArguments, training_args: TrainingArguments, source: 
             raise ConfigError(
                 f"{where(spec['key'])} format {spec['format']!r} is unknown; valid: {', '.join(DATA_FORMATS)}.{hint}"
             )
+    if args.adapter_name_or_path is not None:
+        if args.finetuning_type == "full":
+            raise ConfigError(
+                f"{source}: 'adapter_name_or_path' continues a LoRA adapter; it needs 'finetuning_type' lora/qlora"
+            )
+        if not (Path(args.adapter_name_or_path) / "adapter_config.json").is_file():
+            raise ConfigError(
+                f"{source}: 'adapter_name_or_path' {args.adapter_name_or_path!r} has no adapter_config.json "
+                "(is it a LoRA output_dir?)"
+            )
+    if isinstance(args, DPOArguments):
+        if args.beta <= 0:
+            raise ConfigError(f"{source}: 'beta' must be > 0, got {args.beta}")
+        if not 0.0 <= args.label_smoothing < 0.5:
+            raise ConfigError(f"{source}: 'label_smoothing' must be in [0, 0.5), got {args.label_smoothing}")
+        if args.sft_weight < 0:
+            raise ConfigError(f"{source}: 'sft_weight' must be >= 0, got {args.sft_weight}")
+    if isinstance(args, RLArguments):
+        validate_rl(args, source)
     if args.packing and (args.group_by_length or training_args.train_sampling_strategy == "group_by_length"):
         raise ConfigError(f"{source}: 'packing' and 'group_by_length' exclude each other; pick one")
     if training_args.resume_from_checkpoint not in (None, "true") and not os.path.isdir(
@@ -417,3 +502,27 @@ def save_resolved(args: FinetuneArguments, training_args: TrainingArguments, out
     resolved = {**dataclasses.asdict(args), **training_args.to_dict()}
     path.write_text(json.dumps(resolved, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
     return path
+
+
+def validate_rl(args: RLArguments, source: str) -> None:
+    if args.finetuning_type == "full":
+        raise ConfigError(f"{source}: train_rlhf.py trains LoRA/QLoRA adapters; set 'finetuning_type' to lora or qlora")
+    if not (args.reward_model or args.exact_match_weight or args.reward_function):
+        raise ConfigError(f"{source}: no reward: set 'reward_model', 'exact_match_weight' or 'reward_function'")
+    if args.reward_model and not Path(args.reward_model).is_dir():
+        raise ConfigError(f"{source}: 'reward_model' {args.reward_model!r} is not a folder (a train_rm.py output_dir)")
+    if args.reward_function and ":" not in args.reward_function:
+        raise ConfigError(f"{source}: 'reward_function' must be 'module:function', got {args.reward_function!r}")
+    minimum = 2 if args.algorithm == "rloo" else 1
+    if args.num_generations < minimum:
+        raise ConfigError(f"{source}: 'num_generations' must be >= {minimum} for {args.algorithm}")
+    for key in ("num_iterations", "max_new_tokens", "sample_log_steps"):
+        if getattr(args, key) < 1:
+            raise ConfigError(f"{source}: '{key}' must be >= 1, got {getattr(args, key)}")
+    if args.beta < 0 or not 0 < args.clip_range < 1:
+        raise ConfigError(f"{source}: 'beta' must be >= 0 and 'clip_range' in (0, 1)")
+    if args.max_new_tokens >= args.max_seq_length:
+        raise ConfigError(
+            f"{source}: 'max_new_tokens' ({args.max_new_tokens}) leaves no room for a prompt in 'max_seq_length' "
+            f"({args.max_seq_length})"
+        )

@@ -195,6 +195,8 @@ def load_model(
         return model
     if gradient_checkpointing:
         model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need a grad path
+    if args.adapter_name_or_path:
+        return load_adapter(model, args.adapter_name_or_path, task, trainable=True)
     return attach_lora(model, args, task, modules_to_save)
 
 
@@ -252,8 +254,11 @@ def _mismatch_error(adapter: str, error: Exception) -> ConfigError | None:
     )
 
 
-def load_adapter(model: PreTrainedModel, adapter: str, task: str = "causal_lm"):
-    """A trained adapter on `model`; an adapter of another task (an RM adapter given for chat) is refused."""
+def load_adapter(
+    model: PreTrainedModel, adapter: str, task: str = "causal_lm", trainable: bool = False, name: str = "default"
+):
+    """A trained adapter on `model` (a second one on a PeftModel is added under `name`); an adapter of another
+    task (an RM adapter given for chat) is refused."""
     from peft import PeftModel
 
     saved = (read_adapter_config(adapter) or {}).get("task_type")
@@ -263,12 +268,19 @@ def load_adapter(model: PreTrainedModel, adapter: str, task: str = "causal_lm"):
         hint = "pass it as --reward_model" if saved == "SEQ_CLS" else "pass it as --adapter"
         raise ConfigError(f"'adapter' {adapter!r} is a {kind} adapter (task_type {saved}); {hint}")
     try:
-        return PeftModel.from_pretrained(model, adapter)
+        if isinstance(model, PeftModel):
+            model.load_adapter(adapter, adapter_name=name, is_trainable=trainable)
+            return model
+        model = PeftModel.from_pretrained(model, adapter, adapter_name=name, is_trainable=trainable)
     except RuntimeError as error:
         mismatch = _mismatch_error(adapter, error)
         if mismatch is None:
             raise
         raise mismatch from None
+    if trainable:
+        trained, total = model.get_nb_trainable_parameters()
+        logger.info("Continuing adapter %s: %d trainable of %d parameters", adapter, trained, total)
+    return model
 
 
 def load_for_inference(
@@ -276,15 +288,16 @@ def load_for_inference(
     task: str = "causal_lm",
     *,
     adapter: str | None = None,
+    adapters: dict[str, str] | None = None,
     quantization: str | None = None,
     trust_remote_code: bool = False,
     **config_kwargs: Any,
 ) -> PreTrainedModel:
-    """Weights (plus an adapter) in eval mode on this process's device, in the compute dtype."""
+    """Weights (plus an adapter, or several by name) in eval mode on this process's device, in the compute dtype."""
     model = load_pretrained(path, task, quantization=quantization, trust_remote_code=trust_remote_code, **config_kwargs)
     if quantization is None:
         model.to(inference_device())
-    if adapter:
-        model = load_adapter(model, adapter, task)
+    for name, path in ({"default": adapter} if adapter else adapters or {}).items():
+        model = load_adapter(model, path, task, name=name)
     model.eval()
     return model
