@@ -2,6 +2,7 @@
 
     python benchmarks/dpo_throughput.py                      # every mode once
     python benchmarks/dpo_throughput.py --repeats 3 --json out.json
+    python benchmarks/dpo_throughput.py --vocab 32000         # a real vocabulary's LM-head cost
 
 The tiny Llama-shaped model of benchmarks/sft_throughput.py (hidden 256, 4 layers, byte-level tokenizer), fp32,
 a new LoRA (r 16, every linear layer) whose reference is the base with the adapter switched off, sigmoid loss,
@@ -57,7 +58,9 @@ def pairs(count: int, seed: int = 0) -> list[dict]:
     ]
 
 
-def build_workdir(workdir: Path, count: int) -> None:
+def build_workdir(workdir: Path, count: int, vocab: int) -> None:
+    """The pairs and the model; `vocab` > 262 widens the output layer as a real vocabulary would (the tokenizer
+    still uses its 262 byte tokens: the extra rows cost what a real vocabulary costs in the LM head)."""
     from component.demo_assets import build_tiny_model, build_tokenizer
 
     if (workdir / "model" / "config.json").is_file():
@@ -67,6 +70,12 @@ def build_workdir(workdir: Path, count: int) -> None:
     (workdir / "pairs.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), "utf-8")
     tokenizer = build_tokenizer(corpus=["x"], vocab_size=262)  # the 256 bytes and 6 special tokens
     build_tiny_model(workdir / "model", config=MODEL_CONFIG, seed=0, tokenizer=tokenizer)
+    if vocab > len(tokenizer):
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(workdir / "model")
+        model.resize_token_embeddings(vocab, mean_resizing=False)
+        model.save_pretrained(workdir / "model")
 
 
 def our_args(workdir: Path, options: argparse.Namespace, **keys) -> dict:
@@ -207,6 +216,7 @@ def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
     parser.add_argument("--pairs", type=int, default=64)
+    parser.add_argument("--vocab", type=int, default=262, help="output vocabulary (262 = the byte tokenizer's own)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--threads", type=int, default=0, help="torch threads per run (0: torch's default)")
@@ -221,7 +231,7 @@ def main(argv: list[str]) -> None:
         return
     with tempfile.TemporaryDirectory() as scratch:
         workdir = options.workdir or Path(scratch)
-        build_workdir(workdir, options.pairs)
+        build_workdir(workdir, options.pairs, options.vocab)
         modes = list(options.modes)
         try:
             import trl  # noqa: F401

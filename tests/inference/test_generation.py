@@ -398,7 +398,9 @@ def test_compare_with_references_reports_exact_match(tiny, tmp_path):
 
 
 def test_demo_compare_config_parses():
-    if not Path(REPO / "output/demo/base_model/config.json").is_file():
+    config = json.loads((REPO / "config/demo/compare.json").read_text(encoding="utf-8"))
+    folders = [config["model_name_or_path"], *(a.partition("=")[2] for a in config["adapter"])]
+    if not all((REPO / folder).is_dir() for folder in folders):
         pytest.skip("demo models not built (make demo)")
     options = parse_options(
         CompareOptions, ["--config", str(REPO / "config/demo/compare.json"), "--reward_model", "null"]
