@@ -5,7 +5,8 @@
 
 Steps: read the train args -> load the tokenizer and template -> read, tokenize and cache the data (write
 data_report.json / data_preview.jsonl) -> [stop here with --dry_run true] -> load the model (quantized,
-LoRA) -> train with transformers.Trainer (resume, DDP, TensorBoard) -> save adapter or weights, tokenizer,
+LoRA) -> train with transformers.Trainer (resume, DDP, TensorBoard; the LM head + loss at label positions only,
+in chunks: component/train/lm_head.py) -> save adapter or weights, tokenizer,
 metrics and training_loss.png in output_dir. Keys: README.md and docs/config.md.
 """
 
@@ -23,6 +24,7 @@ from component.data.template import get_template
 from component.model.loader import load_model, load_tokenizer
 from component.train.batching import make_collator, use_packing
 from component.train.recipe import finish_training, record_data, resolve_resume, setup_logging
+from component.train.sft import SFTTrainer
 
 logger = logging.getLogger("train_sft")
 
@@ -48,7 +50,7 @@ def main(argv: list[str], callbacks: list | None = None) -> Trainer | None:
 
     set_seed(training_args.seed)  # LoRA weights are initialised at load: same seed, same run
     model = load_model(args, training_args.gradient_checkpointing)
-    trainer = Trainer(
+    trainer = SFTTrainer(
         model=model,
         args=training_args,
         train_dataset=data.train,
@@ -56,6 +58,8 @@ def main(argv: list[str], callbacks: list | None = None) -> Trainer | None:
         data_collator=make_collator(args, training_args, tokenizer, use_packing(args, training_args, model), model),
         processing_class=tokenizer,
         callbacks=callbacks,
+        logits_path=args.logits_path,
+        logits_chunk_size=args.logits_chunk_size,
     )
     result = trainer.train(resume_from_checkpoint=resolve_resume(training_args))
     finish_training(trainer, result)

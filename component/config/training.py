@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from transformers import TrainingArguments
 
-from component.config.choices import FINETUNING_TYPES, MOSS_TOOL_MODES, QUANTIZATIONS, TEMPLATES
+from component.config.choices import FINETUNING_TYPES, LOGITS_PATHS, MOSS_TOOL_MODES, QUANTIZATIONS, TEMPLATES
 from component.config.parser import (
     ConfigError,
     check_settings,
@@ -83,6 +83,15 @@ class FinetuneArguments:
         },
     )
     dry_run: bool = field(default=False, metadata={"help": "Read data and tokenizer only, write the data report."})
+    logits_path: str = field(
+        default="chunked",
+        metadata=choices(
+            *LOGITS_PATHS, help='LM head + loss: "chunked" (logits at label positions, in chunks) or "model" (its own).'
+        ),
+    )
+    logits_chunk_size: int = field(
+        default=1024, metadata={"help": "Label positions per LM-head chunk (logits_path: chunked)."}
+    )
 
     def __post_init__(self) -> None:
         if self.finetuning_type == "qlora" and self.quantization is None:
@@ -191,6 +200,7 @@ def validate(args: FinetuneArguments, training_args: TrainingArguments, source: 
         raise ConfigError(f"{source}: 'max_seq_length' must be at least 8, got {args.max_seq_length}")
     if args.lora_rank < 1:
         raise ConfigError(f"{source}: 'lora_rank' must be positive, got {args.lora_rank}")
+    check_logits_path(args, training_args, source)
     model_dir = Path(args.model_name_or_path)
     if not (model_dir / "config.json").is_file():
         raise ConfigError(
@@ -209,6 +219,23 @@ def validate(args: FinetuneArguments, training_args: TrainingArguments, source: 
             f"{source}: 'resume_from_checkpoint' {training_args.resume_from_checkpoint!r} is not a folder "
             "(use true for the latest checkpoint in output_dir)"
         )
+
+
+def check_logits_path(args: FinetuneArguments, training_args: TrainingArguments, source: str) -> None:
+    """The chunked LM head computes the plain causal-LM loss; what replaces that loss needs the model's path."""
+    if args.logits_chunk_size < 1:
+        raise ConfigError(f"{source}: 'logits_chunk_size' must be positive, got {args.logits_chunk_size}")
+    if args.logits_path != "chunked":
+        return
+    for key, value in (
+        ("use_liger_kernel", training_args.use_liger_kernel),
+        ("label_smoothing_factor", training_args.label_smoothing_factor),
+    ):
+        if value:
+            raise ConfigError(
+                f"{source}: '{key}' replaces the model's loss, which 'logits_path': \"chunked\" never calls; "
+                f"set 'logits_path' to \"model\" (choices: {', '.join(LOGITS_PATHS)}) or drop '{key}'"
+            )
 
 
 FILE_SPEC_KEYS = ("path", "format", "max_samples", "safety_scenarios")
