@@ -135,6 +135,39 @@ def token_logprobs(
     return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
 
 
+class _ChunkedLoss(torch.autograd.Function):
+    """A scalar loss whose gradients are taken chunk by chunk during the forward, then scaled in backward.
+
+    For a scalar loss this saves the recomputation checkpointing would do: each chunk's logits are built once,
+    differentiated at once (by autograd, through whatever the head does) and freed; what is kept is the
+    gradient for the gathered hidden states [n, H] and for the head's trainable weights, if any.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, targets, scales, head, chunk_size, *params):
+        grad_hidden = torch.zeros_like(hidden)
+        grad_params = [torch.zeros_like(p) for p in params]
+        total = hidden.new_zeros((), dtype=torch.float32)
+        with torch.enable_grad():
+            for start in range(0, max(len(targets), 1), chunk_size):
+                piece = hidden[start : start + chunk_size].detach().requires_grad_()
+                loss = (_chunk_loss(head, piece, targets[start : start + chunk_size]) * scales).sum()
+                grads = torch.autograd.grad(loss, [piece, *params], allow_unused=True)
+                grad_hidden[start : start + chunk_size] = grads[0]
+                for buffer, grad in zip(grad_params, grads[1:]):
+                    if grad is not None:
+                        buffer += grad
+                total += loss.detach()
+        ctx.save_for_backward(grad_hidden, *grad_params)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_hidden, *grad_params = ctx.saved_tensors
+        scaled = [g * grad_output.to(g.dtype) for g in grad_params]
+        return grad_hidden * grad_output.to(grad_hidden.dtype), None, None, None, None, *scaled
+
+
 def causal_lm_loss(
     hidden_states: torch.Tensor,
     labels: torch.Tensor,
@@ -149,15 +182,21 @@ def causal_lm_loss(
     all processes, as the Trainer counts them) or, without it, by this batch's label tokens; plus Baichuan2's
     z-loss normalised the same way when the config has `z_loss_weight`.
     """
+    if chunk_size < 1:
+        raise ValueError(f"logits_chunk_size must be positive, got {chunk_size}")
     hidden, targets, _ = label_positions(hidden_states, labels, shift_labels)
-    cross_entropy, z_loss = torch.stack(_chunks(head, _chunk_loss, hidden, targets, chunk_size)).sum(dim=0)
+    count = torch.tensor(float(len(targets)), device=hidden.device)
     if num_items_in_batch is None:
         # As the model: the mean over this batch's label tokens; its z-loss divides by at least 1.
-        count = torch.tensor(len(targets), device=cross_entropy.device)
-        return cross_entropy / count + z_loss / count.clamp_min(1)
-    if torch.is_tensor(num_items_in_batch):
-        num_items_in_batch = num_items_in_batch.to(cross_entropy.device)
-    return (cross_entropy + z_loss) / num_items_in_batch
+        scales = torch.stack([1 / count, 1 / count.clamp_min(1)])
+    else:
+        denominator = torch.as_tensor(num_items_in_batch, device=hidden.device, dtype=torch.float32)
+        scales = (1 / denominator).expand(2)
+    params = [p for p in head.module.parameters() if p.requires_grad]
+    if torch.is_grad_enabled() and (hidden.requires_grad or params):
+        return _ChunkedLoss.apply(hidden, targets, scales, head, chunk_size, *params)
+    pieces = _chunks(head, _chunk_loss, hidden, targets, chunk_size)
+    return (torch.stack(pieces).sum(dim=0) * scales).sum()
 
 
 def decoder_hidden_states(model: nn.Module, inputs: dict) -> torch.Tensor:
