@@ -41,9 +41,11 @@ class SFTTrainer(Trainer):
         labels = inputs.pop("labels")
         shift_labels = inputs.pop("shift_labels", None)
         hidden_states = decoder_hidden_states(model, inputs)
-        loss = causal_lm_loss(
-            hidden_states, labels, OutputHead.of(model), num_items_in_batch, self.logits_chunk_size, shift_labels
-        )
+        # accelerate autocasts the model's forward only; the head then runs in the same precision as it did there.
+        with self.accelerator.autocast():
+            loss = causal_lm_loss(
+                hidden_states, labels, OutputHead.of(model), num_items_in_batch, self.logits_chunk_size, shift_labels
+            )
         # The Trainer's own rescaling under DDP (`average_tokens_across_devices`), as in Trainer.compute_loss.
         if (
             self.args.average_tokens_across_devices
