@@ -4,8 +4,9 @@ A causal LM's own forward builds fp32 logits for every position over the whole v
 their gradient: with a 125,696-piece vocabulary these are the largest tensors of a step, and most sit at
 prompt positions whose logits are thrown away. Here the decoder's final hidden states are gathered at the
 positions that predict a label (position t predicts labels[t + 1]; -100 is no label, which also covers the
-first label of each example in a packed row), and the head + loss run on chunks of those positions. Each
-chunk is checkpointed: its logits are freed after the forward and recomputed in backward, so peak memory
+first label of each example in a packed row), and the head + loss run on chunks of those positions. The
+loss takes each chunk's gradient during its forward and frees the chunk's logits before the next one (no
+recompute); per-token log-probs checkpoint each chunk and recompute it in backward. Either way peak memory
 holds one chunk x vocabulary.
 
 The head is the model's own output module, called as the model calls it: a plain or tied `nn.Linear`, a
