@@ -11,7 +11,7 @@
 # hidden 2048, 22 layers, 32 heads, 4 KV heads, vocab 32000, random init, bf16) and data (synthetic
 # Firefly-layout records, median ~300 tokens, long tail, max length 1024), then runs each mode in its own
 # process through our real path (load_model QLoRA 4-bit NF4 + LoRA r16 on every linear layer, gradient
-# checkpointing, bf16; use_packing/make_collator; transformers.Trainer), batch 8, $STEPS steps. Reports label
+# checkpointing, bf16; use_packing/make_collator; train.sft.SFTTrainer, chunked LM head), batch 8, $STEPS steps. Reports label
 # tokens/s over the steps after warm-up and peak GPU memory; writes gpu_check.json/.md to $OUT when set.
 # Modes: padded (random order), group_by_length, our default with SDPA (packing, rows of at most the batch's
 # longest example: dense row x row masks), packing with SDPA in one flat row per batch, and, when flash-attn
@@ -105,12 +105,13 @@ def train_args(keys):
 
 def run_mode(name):
     import torch
-    from transformers import Trainer, TrainerCallback
+    from transformers import TrainerCallback
     from component.config.training import build_arguments
     from component.data.supervised import prepare_sft_data
     from component.data.template import get_template
     from component.model.loader import load_model, load_tokenizer
     from component.train.batching import make_collator, use_packing
+    from component.train.sft import SFTTrainer
 
     keys, attention = MODES[name]
     args, training_args = build_arguments(train_args(keys))
@@ -135,8 +136,8 @@ def run_mode(name):
 
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    trainer = Trainer(model=model, args=training_args, train_dataset=data.train, data_collator=counting,
-                      callbacks=[Clock()])
+    trainer = SFTTrainer(model=model, args=training_args, train_dataset=data.train, data_collator=counting,
+                         callbacks=[Clock()], logits_path=args.logits_path, logits_chunk_size=args.logits_chunk_size)
     result = trainer.train()
     warm = min(5, STEPS // 3)  # steps 1..warm: allocator and kernel warm-up, not timed
     labels = sum(c[0] for c in counts[warm:len(times)])
