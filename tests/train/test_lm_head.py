@@ -279,7 +279,12 @@ def test_sft_trainer_eval_loss_is_the_models(tmp_path):
         trainer = SFTTrainer(
             model=model, args=args, eval_dataset=data, data_collator=PackingCollator(0), logits_path=path
         )
+        seen: list[int] = []
+        handle = model.lm_head.register_forward_hook(lambda _m, a, _o, seen=seen: seen.append(a[0].shape[:-1].numel()))
         losses[path] = trainer.evaluate()["eval_loss"]
+        handle.remove()
+        # The chunked path runs the model's head on no position, then on label positions only.
+        assert (0 in seen) is (path == "chunked")
     assert losses["chunked"] == pytest.approx(losses["model"], rel=1e-5)
 
 
