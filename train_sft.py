@@ -5,7 +5,8 @@
 
 Steps: read the train args -> load the tokenizer and template -> read, tokenize and cache the data (write
 data_report.json / data_preview.jsonl) -> [stop here with --dry_run true] -> load the model (quantized,
-LoRA) -> train with transformers.Trainer (resume, DDP, TensorBoard) -> save adapter or weights, tokenizer,
+LoRA) -> train with transformers.Trainer (resume, DDP, TensorBoard; the LM head + loss at label positions only,
+in chunks: component/train/lm_head.py) -> save adapter or weights, tokenizer,
 metrics and training_loss.png in output_dir. Keys: README.md and docs/config.md.
 """
 
@@ -27,14 +28,10 @@ from component.data.supervised import prepare_sft_data, show_trained_spans
 from component.data.template import get_template
 from component.model.loader import load_model, load_tokenizer
 from component.train.batching import make_collator, use_packing
-from component.train.guards import ReliableTrainerMixin
 from component.train.recipe import finish_training, lock_output_dir, record_data, resolve_resume, setup_logging
+from component.train.sft import SFTTrainer
 
 logger = logging.getLogger("train_sft")
-
-
-class SFTTrainer(ReliableTrainerMixin, Trainer):
-    """transformers.Trainer with atomic checkpoints and the signal / non-finite guards (train.guards)."""
 
 
 def main(argv: list[str], callbacks: list | None = None) -> Trainer | None:
@@ -68,6 +65,8 @@ def main(argv: list[str], callbacks: list | None = None) -> Trainer | None:
         processing_class=tokenizer,
         on_nonfinite=args.on_nonfinite,
         callbacks=callbacks,
+        logits_path=args.logits_path,
+        logits_chunk_size=args.logits_chunk_size,
     )
     result = trainer.train(resume_from_checkpoint=resolve_resume(training_args))
     finish_training(trainer, result, lock=lock)

@@ -11,12 +11,18 @@
 # hidden 2048, 22 layers, 32 heads, 4 KV heads, vocab 32000, random init, bf16) and data (synthetic
 # Firefly-layout records, median ~300 tokens, long tail, max length 1024), then runs each mode in its own
 # process through our real path (load_model QLoRA 4-bit NF4 + LoRA r16 on every linear layer, gradient
-# checkpointing, bf16; use_packing/make_collator; transformers.Trainer), batch 8, $STEPS steps. Reports label
+# checkpointing, bf16; use_packing/make_collator; train.sft.SFTTrainer, chunked LM head), batch 8, $STEPS steps. Reports label
 # tokens/s over the steps after warm-up and peak GPU memory; writes gpu_check.json/.md to $OUT when set.
 # Modes: padded (random order), group_by_length, our default with SDPA (packing, rows of at most the batch's
 # longest example: dense row x row masks), packing with SDPA in one flat row per batch, and, when flash-attn
 # is importable, group_by_length and our default (one flat row, varlen kernel) with flash_attention_2.
 # Budget: under 8 minutes on an H100.
+#
+# Second part (skip with BAICHUAN=0): peak GPU memory of QLoRA on a Baichuan2-13B-shaped model (hidden 5120,
+# 40 layers, 40 heads, intermediate 13696, vocabulary 125,696, ALiBi, NormHead; random init, bf16, ~26 GB
+# written to $WORK once), 1,024-token examples, batch 1 and 4, with `logits_path: "chunked"` (train.lm_head)
+# and `"model"` (the model's own logits and loss), gradient checkpointing, 3 optimizer steps each. Needs ~60 GB
+# of disk and a GPU with >= 40 GB; budget ~10 minutes (most of it writing and quantizing the weights).
 set -eu
 
 cd "$(dirname "$0")/.."
@@ -99,18 +105,19 @@ def train_args(keys):
 
 def run_mode(name):
     import torch
-    from transformers import Trainer, TrainerCallback
+    from transformers import TrainerCallback
     from component.config.training import build_arguments
     from component.data.supervised import prepare_sft_data
     from component.data.template import get_template
     from component.model.loader import load_model, load_tokenizer
     from component.train.batching import make_collator, use_packing
+    from component.train.sft import SFTTrainer
 
     keys, attention = MODES[name]
-    args, training_args = build_arguments(train_args(keys))
+    args, training_args = build_arguments(train_args({**keys, "attn_implementation": attention}))
     tokenizer = load_tokenizer(args.model_name_or_path)
     data = prepare_sft_data(args, get_template(args.template, tokenizer), training_args)
-    model = load_model(args, training_args.gradient_checkpointing, attn_implementation=attention)
+    model = load_model(args, training_args.gradient_checkpointing)
     packing = use_packing(args, training_args, model)
     collator = make_collator(args, training_args, tokenizer, packing, model)
     counts, times = [], []
@@ -129,8 +136,8 @@ def run_mode(name):
 
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    trainer = Trainer(model=model, args=training_args, train_dataset=data.train, data_collator=counting,
-                      callbacks=[Clock()])
+    trainer = SFTTrainer(model=model, args=training_args, train_dataset=data.train, data_collator=counting,
+                         callbacks=[Clock()], logits_path=args.logits_path, logits_chunk_size=args.logits_chunk_size)
     result = trainer.train()
     warm = min(5, STEPS // 3)  # steps 1..warm: allocator and kernel warm-up, not timed
     labels = sum(c[0] for c in counts[warm:len(times)])
@@ -192,3 +199,116 @@ main()
 PY
 
 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false "$PYTHON" "$WORK/gpu_check.py" "$WORK" "$STEPS"
+
+[ "${BAICHUAN:-1}" = "0" ] && exit 0
+cat > "$WORK/gpu_memory_baichuan.py" <<'PY'
+import json, os, subprocess, sys, time
+from pathlib import Path
+
+REPO = Path.cwd()
+sys.path[:0] = [str(REPO)]
+WORK = Path(sys.argv[1])
+SMOKE = bool(os.environ.get("SMOKE"))
+STEPS = 3
+MODEL = {  # Baichuan2-13B-Base's config.json: ALiBi (no max_position_embeddings), NormHead (z_loss_weight)
+    "hidden_size": 5120, "intermediate_size": 13696, "num_hidden_layers": 40, "num_attention_heads": 40,
+    "vocab_size": 125696, "model_max_length": 4096, "rms_norm_eps": 1e-6, "z_loss_weight": 0,
+    "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False,
+}
+if SMOKE:
+    MODEL.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=2000)
+DEVICE = "cpu" if SMOKE else "cuda"
+FOLDER = WORK / ("baichuan2_13b_smoke" if SMOKE else "baichuan2_13b")
+
+
+def prepare():
+    import torch
+    from component.model.baichuan import BaichuanConfig, BaichuanForCausalLM
+
+    if (FOLDER / "config.json").is_file():
+        return
+    config = BaichuanConfig(**MODEL)
+    assert config.use_alibi and config.use_norm_head
+    torch.manual_seed(0)
+    with torch.device(DEVICE):
+        model = BaichuanForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(FOLDER)
+
+
+def run(path, batch):
+    import torch
+    from datasets import Dataset
+    from component.config.training import build_arguments
+    from component.data.collators import PaddingCollator
+    from component.model.loader import load_model
+    from component.train.sft import SFTTrainer
+
+    data = WORK / "unused.jsonl"
+    data.write_text('{"kind": "k", "input": "q", "target": "a"}\n')
+    args, training_args = build_arguments({
+        "model_name_or_path": str(FOLDER), "train_file": str(data), "finetuning_type": "qlora", "lora_rank": 16,
+        "lora_alpha": 32, "lora_dropout": 0.05, "output_dir": str(WORK / "out_baichuan"), "max_steps": STEPS,
+        "per_device_train_batch_size": batch, "learning_rate": 2e-4, "bf16": not SMOKE, "gradient_checkpointing": True,
+        "save_strategy": "no", "report_to": "none", "logits_path": path,
+    })
+    generator = torch.Generator().manual_seed(0)
+    rows = []
+    for _ in range(batch * STEPS):  # 1,024 tokens: a 30% prompt, labels on the 70% reply
+        ids = torch.randint(3, MODEL["vocab_size"], (1024,), generator=generator).tolist()
+        rows.append({"input_ids": ids, "labels": [-100] * 307 + ids[307:]})
+    model = load_model(args, True)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    trainer = SFTTrainer(model=model, args=training_args, train_dataset=Dataset.from_list(rows),
+                         data_collator=PaddingCollator(0, attention_mask=False), logits_path=path,
+                         logits_chunk_size=args.logits_chunk_size)
+    start = time.perf_counter()
+    result = trainer.train()
+    seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
+    return {"logits_path": path, "batch": batch, "peak_gpu_gib": peak, "step_s": seconds / STEPS,
+            "loss": result.training_loss}
+
+
+def main():
+    if len(sys.argv) > 2:
+        print("RESULT " + json.dumps(run(sys.argv[2], int(sys.argv[3]))), flush=True)
+        return
+    import torch
+    start = time.time()
+    prepare()
+    print(f"model written ({time.time() - start:.0f} s)", flush=True)
+    rows = []
+    for batch in (1, 4):
+        for path in ("chunked", "model"):
+            done = subprocess.run([sys.executable, __file__, str(WORK), path, str(batch)], capture_output=True, text=True)
+            lines = [l for l in done.stdout.splitlines() if l.startswith("RESULT ")]
+            if done.returncode or not lines:  # e.g. out of memory on the model's path: recorded as failed
+                tail = (done.stderr or done.stdout)[-600:].replace("\n", " ")
+                rows.append({"logits_path": path, "batch": batch, "failed": tail})
+                print(f"{path} batch {batch} FAILED: {tail}", flush=True)
+                continue
+            rows.append(json.loads(lines[-1][7:]))
+            print(f"{path} batch {batch}: peak {rows[-1]['peak_gpu_gib']:.2f} GiB ({time.time() - start:.0f} s)", flush=True)
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU smoke run (tiny model)"
+    table = [f"Baichuan2-13B-shaped QLoRA memory: {gpu}, torch {torch.__version__}; 1,024 tokens, {STEPS} steps, "
+             "LoRA r16, gradient checkpointing, bf16", "",
+             "| batch | logits_path | peak GPU GiB | s/step | mean loss |", "|---:|---|---:|---:|---:|"]
+    for r in rows:
+        if "failed" in r:
+            table.append(f"| {r['batch']} | {r['logits_path']} | failed | - | - |")
+        else:
+            table.append(f"| {r['batch']} | {r['logits_path']} | {r['peak_gpu_gib']:.2f} | {r['step_s']:.2f} | {r['loss']:.3f} |")
+    print("\n".join(table))
+    out = os.environ.get("OUT")
+    if out:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        Path(out, "gpu_memory_baichuan.json").write_text(json.dumps(rows, indent=2))
+        Path(out, "gpu_memory_baichuan.md").write_text("\n".join(table) + "\n")
+    print(f"total {time.time() - start:.0f} s")
+
+
+main()
+PY
+
+HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false "$PYTHON" "$WORK/gpu_memory_baichuan.py" "$WORK"

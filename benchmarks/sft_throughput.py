@@ -230,10 +230,9 @@ def run_mode(mode: str, workdir: Path, options: argparse.Namespace) -> dict:
 
 
 def our_trainer(mode: str, workdir: Path, options: argparse.Namespace):
-    from transformers import Trainer
-
     from component.model.loader import load_model
     from component.train.batching import make_collator, resolve_batching, use_packing
+    from component.train.sft import SFTTrainer
 
     args, training_args, tokenizer, data = load_data(workdir, options, **OUR_KEYS[mode])
     model = load_model(args, gradient_checkpointing=False)
@@ -245,7 +244,14 @@ def our_trainer(mode: str, workdir: Path, options: argparse.Namespace):
         rows = collator.row_tokens
         shapes = {None: "one flat row per batch", "longest": "rows of at most the batch's longest example"}
         note += ", " + shapes.get(rows, f"rows of at most {rows} tokens")
-    trainer = Trainer(model=model, args=training_args, train_dataset=data.train, data_collator=collator)
+    trainer = SFTTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=data.train,
+        data_collator=collator,
+        logits_path=args.logits_path,  # as train_sft.py: the chunked LM head by default
+        logits_chunk_size=args.logits_chunk_size,
+    )
     return trainer, note
 
 

@@ -8,6 +8,7 @@ FINETUNING_TYPES = ("lora", "qlora", "full")
 QUANTIZATIONS = ("4bit", "8bit", None)
 MOSS_TOOL_MODES = ("skip", "strip")
 MERGE_DTYPES = ("bfloat16", "float16", "float32")
+LOGITS_PATHS = ("chunked", "model")  # train.lm_head: label positions in chunks, or the model's own forward
 
 SFT_FORMATS = ("belle", "firefly", "moss", "moss_firefly", "safety_prompts", "alpaca", "sharegpt", "openai")
 PREFERENCE_FORMATS = (

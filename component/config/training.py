@@ -20,6 +20,7 @@ from component.config.choices import (
     DATA_FORMATS,
     DPO_LOSSES,
     FINETUNING_TYPES,
+    LOGITS_PATHS,
     MOSS_TOOL_MODES,
     NONFINITE_MODES,
     QUANTIZATIONS,
@@ -112,6 +113,15 @@ class FinetuneArguments:
         metadata={"help": "A trained LoRA adapter (e.g. an SFT output_dir) to continue training instead of a new one."},
     )
     dry_run: bool = field(default=False, metadata={"help": "Read data and tokenizer only, write the data report."})
+    logits_path: str = field(
+        default="chunked",
+        metadata=choices(
+            *LOGITS_PATHS, help='LM head + loss: "chunked" (logits at label positions, in chunks) or "model" (its own).'
+        ),
+    )
+    logits_chunk_size: int = field(
+        default=1024, metadata={"help": "Label positions per LM-head chunk (logits_path: chunked)."}
+    )
 
     def __post_init__(self) -> None:
         if self.finetuning_type == "qlora" and self.quantization is None:
@@ -425,6 +435,7 @@ def validate(args: FinetuneArguments, training_args: TrainingArguments, source: 
         raise ConfigError(f"{source}: set either 'test_size' or 'eval_file', not both")
     if args.lora_target_modules is not None and not args.lora_target_modules:
         raise ConfigError(f"{where('lora_target_modules')} is an empty list; use null for every linear layer")
+    check_logits_path(args, training_args, source)
     model_dir = Path(args.model_name_or_path)
     if not (model_dir / "config.json").is_file():
         raise ConfigError(
@@ -469,6 +480,23 @@ def validate(args: FinetuneArguments, training_args: TrainingArguments, source: 
             f"{where('resume_from_checkpoint')} {training_args.resume_from_checkpoint!r} is not a folder "
             "(use true for the latest checkpoint in output_dir)"
         )
+
+
+def check_logits_path(args: FinetuneArguments, training_args: TrainingArguments, source: str) -> None:
+    """The chunked LM head computes the plain causal-LM loss; what replaces that loss needs the model's path."""
+    if args.logits_chunk_size < 1:
+        raise ConfigError(f"{source}: 'logits_chunk_size' must be positive, got {args.logits_chunk_size}")
+    if args.logits_path != "chunked":
+        return
+    for key, value in (
+        ("use_liger_kernel", training_args.use_liger_kernel),
+        ("label_smoothing_factor", training_args.label_smoothing_factor),
+    ):
+        if value:
+            raise ConfigError(
+                f"{source}: '{key}' replaces the model's loss, which 'logits_path': \"chunked\" never calls; "
+                f"set 'logits_path' to \"model\" (choices: {', '.join(LOGITS_PATHS)}) or drop '{key}'"
+            )
 
 
 FILE_SPEC_KEYS = ("path", "format", "max_samples", "safety_scenarios")

@@ -34,12 +34,17 @@ def examples(vocab_size: int) -> list[dict]:
     return rows
 
 
-def sgd_step_update(model_dir: Path, rows: list[dict], output_dir: Path, collator, **training) -> dict:
+def sgd_step_update(
+    model_dir: Path, rows: list[dict], output_dir: Path, collator, logits_path: str = "model", **training
+) -> dict:
     """Parameter change of one Trainer optimizer step with plain SGD at lr 1: minus the step's gradient."""
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+    from transformers import AutoModelForCausalLM, TrainingArguments
+
+    from component.train.sft import SFTTrainer
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.config.use_cache = False  # as load_model: packed rows read from the position_ids
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     args = TrainingArguments(
         output_dir=str(output_dir),
@@ -55,7 +60,10 @@ def sgd_step_update(model_dir: Path, rows: list[dict], output_dir: Path, collato
         remove_unused_columns=False,
         **{"train_sampling_strategy": "sequential", **training},
     )
-    Trainer(model=model, args=args, train_dataset=Dataset.from_list(rows), data_collator=collator).train()
+    data = Dataset.from_list(rows)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=data, data_collator=collator, logits_path=logits_path)
+    trainer.logits_chunk_size = 16  # several chunks per micro-batch
+    trainer.train()
     return {n: before[n] - p.detach() for n, p in model.named_parameters()}
 
 
@@ -97,6 +105,7 @@ def expected(tiny_llama_dir, rows) -> dict:
     return reference_gradient(tiny_llama_dir, rows)
 
 
+@pytest.mark.parametrize("logits_path", ["model", "chunked"])
 @pytest.mark.parametrize(
     "name, collator, training",
     [
@@ -109,9 +118,10 @@ def expected(tiny_llama_dir, rows) -> dict:
     ],
 )  # fmt: skip
 def test_step_gradient_is_the_label_token_mean_whatever_the_batching(
-    tmp_path, tiny_llama_dir, rows, expected, name, collator, training
+    tmp_path, tiny_llama_dir, rows, expected, name, collator, training, logits_path
 ):
-    assert_close(sgd_step_update(tiny_llama_dir, rows, tmp_path, collator, **training), expected)
+    update = sgd_step_update(tiny_llama_dir, rows, tmp_path, collator, logits_path, **training)
+    assert_close(update, expected)
 
 
 def test_per_micro_batch_means_would_differ(tiny_llama_dir, rows, expected):
@@ -128,8 +138,9 @@ from tests.train.test_loss_normalisation import sgd_step_update
 from component.data.collators import PackingCollator, PaddingCollator
 rows = json.loads(open({rows!r}).read())
 updates = {{
-    name: sgd_step_update({model!r}, rows, {out!r}, collator, per_device_train_batch_size=2)
+    (name, path): sgd_step_update({model!r}, rows, {out!r}, collator, path, per_device_train_batch_size=2)
     for name, collator in (("padded", PaddingCollator(0)), ("packed", PackingCollator(0)))
+    for path in ("model", "chunked")
 }}
 if torch.distributed.get_rank() == 0:
     torch.save(updates, {result!r})
@@ -138,13 +149,14 @@ if torch.distributed.get_rank() == 0:
 
 @pytest.mark.slow
 def test_ddp_two_processes_give_the_single_process_gradient(tmp_path, tiny_llama_dir, rows, expected):
-    """2 processes x batch 2 (63 and 10 label tokens), padded and packed: every rank divides by the global count."""
+    """2 processes x batch 2 (63 and 10 label tokens), padded and packed, both LM-head paths: every rank divides
+    by the global count."""
     (tmp_path / "rows.json").write_text(json.dumps(rows))
     script, result = tmp_path / "ddp_step.py", tmp_path / "updates.pt"
     values = {"repo": str(REPO), "rows": str(tmp_path / "rows.json"), "model": str(tiny_llama_dir)}
     script.write_text(DDP_SCRIPT.format(**values, out=str(tmp_path / "out"), result=str(result)))
     run_torchrun(script)
     updates = torch.load(result)
-    assert set(updates) == {"padded", "packed"}
+    assert set(updates) == {(b, p) for b in ("padded", "packed") for p in ("model", "chunked")}
     for update in updates.values():
         assert_close(update, expected)

@@ -1,0 +1,289 @@
+"""SFT memory and speed against the output vocabulary: our LM-head paths vs TRL's SFTTrainer, LoRA.
+
+    python benchmarks/sft_memory.py --vocab 262 32000 64000 125696 --records 120 --repeats 2
+    python benchmarks/sft_memory.py --vocab 125696 --modes ours_default trl_default
+
+The sft_throughput.py setup (tiny Llama, hidden 256, 4 layers; byte-level tokenizer; synthetic Firefly
+records, median ~300 tokens, cut at 1,024; batch 8; one epoch; fp32, no gradient checkpointing) with LoRA
+(r 64, alpha 16, dropout 0.05, every linear layer but the head, for every mode) and a model whose output
+vocabulary is `--vocab` (the tokenizer's 262 ids are its first rows; the rest are never a target but every
+logit row is computed, as with a real large vocabulary). Modes:
+
+- ours_default: train_sft.py's defaults (packing: null, `logits_path: "chunked"`);
+- ours_model: the same with `logits_path: "model"` (the model's own forward + loss: today's path before
+  train.lm_head);
+- trl_default: TRL `SFTTrainer` defaults with the same LoRA config (`peft_config`), fp32, no gradient
+  checkpointing, on the same tokenized input_ids and labels.
+
+Each run is its own process (peak RSS = ru_maxrss of that process, whole process: weights, data, Python;
+Linux carries the launching process's peak into it, ~0.8 GB here, below every run's own peak),
+runs are interleaved (vocabularies in turn, modes rotating each repeat), and the table gives medians.
+TRL is benchmark-only: `pip install trl --no-deps`; without it its mode is skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from sft_throughput import MODEL_CONFIG, CountingCollator, firefly_records, load_average, machine  # noqa: E402
+
+MODES = {
+    "ours_default": 'ours: default (logits_path: "chunked")',
+    "ours_model": 'ours: logits_path: "model"',
+    "trl_default": "TRL SFTTrainer: defaults, LoRA",
+}
+LORA = {"r": 64, "lora_alpha": 16, "lora_dropout": 0.05}
+
+
+def build_workdir(workdir: Path, records: int, vocabs: list[int]) -> None:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from component.demo_assets import build_tokenizer
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    if not (workdir / "train.jsonl").is_file():
+        rows = firefly_records(records)
+        (workdir / "train.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), "utf-8")
+    tokenizer = build_tokenizer(corpus=["x"], vocab_size=262)  # the 256 bytes and 6 special tokens
+    for vocab in vocabs:
+        folder = workdir / f"model_{vocab}"
+        if (folder / "config.json").is_file():
+            continue
+        config = {k: v for k, v in MODEL_CONFIG.items() if k != "model_type"}
+        config.update(
+            vocab_size=max(vocab, len(tokenizer)),
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(MODEL_CONFIG["model_type"], **config))
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+
+def load_data(workdir: Path, vocab: int, options: argparse.Namespace, **ours):
+    from component.config.training import build_arguments
+    from component.data.supervised import prepare_sft_data
+    from component.data.template import get_template
+    from component.model.loader import load_tokenizer
+
+    raw = {
+        "model_name_or_path": str(workdir / f"model_{vocab}"),
+        "train_file": str(workdir / "train.jsonl"),
+        "max_seq_length": options.max_length,
+        "finetuning_type": "lora",
+        "lora_rank": LORA["r"],
+        "lora_alpha": LORA["lora_alpha"],
+        "lora_dropout": LORA["lora_dropout"],
+        "data_cache_dir": str(workdir / "cache"),
+        "output_dir": str(workdir / "out"),
+        "per_device_train_batch_size": options.batch_size,
+        "num_train_epochs": 1,
+        "learning_rate": 1e-4,
+        "lr_scheduler_type": "constant",
+        "logging_steps": 5,
+        "save_strategy": "no",
+        "report_to": "none",
+        "seed": 0,
+        **ours,
+    }
+    args, training_args = build_arguments(raw)
+    tokenizer = load_tokenizer(args.model_name_or_path)
+    data = prepare_sft_data(args, get_template(args.template, tokenizer), training_args)
+    return args, training_args, tokenizer, data
+
+
+def our_trainer(mode: str, workdir: Path, vocab: int, options: argparse.Namespace):
+    from component.model.loader import load_model
+    from component.train.batching import make_collator, use_packing
+    from component.train.sft import SFTTrainer
+
+    path = "model" if mode == "ours_model" else "chunked"
+    args, training_args, tokenizer, data = load_data(workdir, vocab, options, logits_path=path)
+    model = load_model(args, gradient_checkpointing=False)
+    packing = use_packing(args, training_args, model)
+    collator = make_collator(args, training_args, tokenizer, packing, model)
+    trainer = SFTTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=data.train,
+        data_collator=collator,
+        logits_path=args.logits_path,
+        logits_chunk_size=args.logits_chunk_size,
+    )
+    return trainer, f"{'packed' if packing else 'padded'}, logits_path {path}"
+
+
+def trl_trainer(workdir: Path, vocab: int, options: argparse.Namespace):
+    import torch
+    import trl
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM
+
+    args, training_args, tokenizer, data = load_data(workdir, vocab, options)
+    config = trl.SFTConfig(
+        output_dir=str(workdir / "out_trl"),
+        per_device_train_batch_size=options.batch_size,
+        num_train_epochs=1,
+        learning_rate=training_args.learning_rate,
+        lr_scheduler_type=training_args.lr_scheduler_type,
+        logging_steps=training_args.logging_steps,
+        save_strategy="no",
+        report_to="none",
+        seed=0,
+        max_length=options.max_length,
+        gradient_checkpointing=False,  # like our modes: no recomputation
+        bf16=False,  # fp32 like our modes on the CPU
+    )
+    model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=torch.float32)
+    peft_config = LoraConfig(**LORA, target_modules="all-linear", task_type="CAUSAL_LM", bias="none")
+    trainer = trl.SFTTrainer(
+        model=model,
+        args=config,
+        train_dataset=data.train.select_columns(["input_ids", "labels"]),  # the same tokens and labels as ours
+        processing_class=tokenizer,
+        peft_config=peft_config,
+    )
+    return trainer, f"trl {trl.__version__}, padded"
+
+
+def current_rss_kib() -> int:
+    """Resident set size now (ru_maxrss would include the parent's peak: Linux keeps it across fork + exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def run_mode(mode: str, vocab: int, workdir: Path, options: argparse.Namespace) -> dict:
+    import torch
+
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    if mode.startswith("ours"):
+        trainer, note = our_trainer(mode, workdir, vocab, options)
+    else:
+        trainer, note = trl_trainer(workdir, vocab, options)
+    counter = CountingCollator(trainer.data_collator)
+    trainer.data_collator = counter
+    before = current_rss_kib()
+    start = time.perf_counter()
+    result = trainer.train()
+    wall = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {
+        "mode": mode,
+        "vocab": vocab,
+        "note": note,
+        "label_tokens": counter.label_tokens,
+        "label_tokens_per_s": counter.label_tokens / wall,
+        "wall_s": wall,
+        "peak_rss_mib": peak / 1024,
+        "rss_before_train_mib": before / 1024,
+        "steps": result.global_step,
+        "train_loss": result.training_loss,
+    }
+
+
+def table(rows: list[dict]) -> str:
+    lines = [
+        "| vocab | mode | label tokens/s | vs TRL | peak RSS MiB | vs TRL | RSS before train MiB | wall s | steps "
+        "| train loss |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        trl = next((t for t in rows if t["vocab"] == r["vocab"] and t["mode"] == "trl_default"), None)
+        speed = f"{r['label_tokens_per_s'] / trl['label_tokens_per_s']:.2f}x" if trl else "-"
+        memory = f"{r['peak_rss_mib'] / trl['peak_rss_mib']:.2f}x" if trl else "-"
+        lines.append(
+            f"| {r['vocab']:,} | {MODES[r['mode']]} | {r['label_tokens_per_s']:.0f} | {speed} | "
+            f"{r['peak_rss_mib']:.0f} | {memory} | {r['rss_before_train_mib']:.0f} | {r['wall_s']:.1f} | "
+            f"{r['steps']} | {r['train_loss']:.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--vocab", type=int, nargs="+", default=[262, 32000, 64000, 125696])
+    parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
+    parser.add_argument("--records", type=int, default=120)
+    parser.add_argument("--max-length", type=int, default=1024)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per run (0: torch's default)")
+    parser.add_argument("--workdir", type=Path, default=None, help="keep models, data and cache here")
+    parser.add_argument("--json", type=Path, default=None, help="also write every run and the table here")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-vocab", type=int, default=None, help=argparse.SUPPRESS)
+    options = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    if options.worker:
+        result = run_mode(options.worker, options.worker_vocab, options.workdir, options)
+        print("RESULT " + json.dumps(result), flush=True)
+        return
+
+    with tempfile.TemporaryDirectory() as scratch:
+        workdir = options.workdir or Path(scratch)
+        build_workdir(workdir, options.records, options.vocab)
+        _, _, _, data = load_data(workdir, options.vocab[0], options)  # tokenize once; every run loads the cache
+        modes = list(options.modes)
+        try:
+            import trl  # noqa: F401
+        except ImportError:
+            print("trl is not installed: skipping its mode (pip install trl --no-deps)", file=sys.stderr)
+            modes = [m for m in modes if not m.startswith("trl")]
+        print(f"machine: {machine()}")
+        print(
+            f"data: {len(data.train)} records, tokens {data.report['tokens']}, label tokens {data.report['label_tokens']}"
+        )
+        print(f"load average before: {load_average()}", flush=True)
+        runs: dict[tuple[int, str], list[dict]] = {(v, m): [] for v in options.vocab for m in modes}
+        for repeat in range(options.repeats):
+            order = modes[repeat % len(modes) :] + modes[: repeat % len(modes)]  # interleave: rotate the order
+            for vocab in options.vocab:
+                for mode in order:
+                    command = [sys.executable, __file__, "--worker", mode, "--worker-vocab", str(vocab)]
+                    command += ["--workdir", str(workdir), "--max-length", str(options.max_length)]
+                    command += ["--batch-size", str(options.batch_size), "--threads", str(options.threads)]
+                    done = subprocess.run(command, capture_output=True, text=True)
+                    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+                    if done.returncode != 0 or not lines:
+                        raise SystemExit(f"{mode} {vocab} failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}")
+                    run = json.loads(lines[-1][len("RESULT ") :])
+                    runs[(vocab, mode)].append(run)
+                    print(f"  [{repeat + 1}/{options.repeats}] vocab {vocab} {mode}: "
+                          f"{run['label_tokens_per_s']:.0f} label tokens/s, peak {run['peak_rss_mib']:.0f} MiB, "
+                          f"{run['wall_s']:.1f} s (load {load_average()})", flush=True)  # fmt: skip
+        rows = []
+        for (_, _), group in runs.items():
+            row = dict(group[0])
+            for key in ("label_tokens_per_s", "wall_s", "peak_rss_mib", "rss_before_train_mib", "train_loss"):
+                row[key] = statistics.median(r[key] for r in group)
+            row["runs"] = len(group)
+            rows.append(row)
+        print(f"load average after: {load_average()}")
+        print(table(rows))
+        if options.json:
+            options.json.write_text(json.dumps({"machine": machine(), "runs": list(runs.values()), "table": rows}))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
