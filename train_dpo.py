@@ -72,6 +72,7 @@ def main(argv: list[str], callbacks: list | None = None) -> DPOTrainer | None:
         simpo_gamma=args.simpo_gamma,
         sft_weight=args.sft_weight,
         reference=reference,
+        chunk=args.logits_chunk_size,
     )
     result = trainer.train(resume_from_checkpoint=resolve_resume(training_args))
     finish_training(trainer, result, PLOT_KEYS, lock=lock)

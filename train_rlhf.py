@@ -97,6 +97,7 @@ def main(argv: list[str], callbacks: list | None = None) -> RLTrainer | None:
         mask_truncated_completions=args.mask_truncated_completions,
         reference=reference,
         sample_log_steps=args.sample_log_steps,
+        chunk=args.logits_chunk_size,
     )
     result = trainer.train(resume_from_checkpoint=resolve_resume(training_args))
     finish_training(trainer, result, PLOT_KEYS, lock=lock)

@@ -20,29 +20,24 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 from transformers import EvalPrediction, Trainer
 
 from component.config.choices import REFERENCE_FREE_LOSSES
-from component.data.template import IGNORE_INDEX
 from component.train.guards import ReliableTrainerMixin
-
-# Positions whose logits are built at once: chunk x vocabulary floats (125,696 for Baichuan2: ~0.5 GB at 1024).
-DEFAULT_CHUNK = 1024
+from component.train.lm_head import (
+    DEFAULT_CHUNK_SIZE,
+    OutputHead,
+    decoder_hidden_states,
+    label_positions,
+    token_logprobs,
+)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The model under DDP / DataParallel wrappers."""
+    """The model under DDP / DataParallel wrappers (peft's wrapper kept: it switches adapters)."""
     while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
         model = model.module
     return model
-
-
-def decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
-    """The decoder stack (whose output is the last hidden state) and the output head, under peft too."""
-    base = unwrap(model)
-    base = base.get_base_model() if hasattr(base, "get_base_model") else base
-    return base.get_decoder(), base.get_output_embeddings()
 
 
 @contextlib.contextmanager
@@ -64,52 +59,22 @@ def as_reference(model: nn.Module, reference: str | nn.Module) -> Iterator[nn.Mo
             peft_model.set_adapter(active)  # also makes the policy's adapter trainable again
 
 
-def token_logps(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
-    """log p(target) for each hidden state, through `head` in chunks; each chunk's logits recomputed in backward."""
-
-    def chunk_logps(states: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        return -F.cross_entropy(head(states).float(), ids, reduction="none")
-
-    pieces = []
-    for start in range(0, hidden.shape[0], chunk):
-        states, ids = hidden[start : start + chunk], targets[start : start + chunk]
-        if torch.is_grad_enabled():
-            pieces.append(checkpoint(chunk_logps, states, ids, use_reentrant=False))
-        else:
-            pieces.append(chunk_logps(states, ids))
-    return torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
-
-
 def sequence_logps(
-    model: nn.Module, batch: dict[str, torch.Tensor], chunk: int = DEFAULT_CHUNK
+    model: nn.Module, batch: dict[str, torch.Tensor], chunk: int = DEFAULT_CHUNK_SIZE
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of label-token log-probs, label-token count) per sequence of a PairCollator batch.
 
-    The model's own forward runs (so DDP and peft stay in the path) with `logits_to_keep=1`; the last hidden
-    state is read from the decoder by a hook and only the positions that predict a label go through the head.
+    The model's own forward runs (DDP and peft stay in the path) without logits; the decoder's last hidden state
+    goes through the output head only at the positions that predict a label (`train.lm_head`).
     """
-    decoder, head = decoder_and_head(model)
-    captured: list[torch.Tensor] = []
-    handle = decoder.register_forward_hook(lambda _m, _i, output: captured.append(output[0]))
-    try:
-        model(
-            input_ids=batch["input_ids"],
-            attention_mask=batch.get("attention_mask"),
-            position_ids=batch.get("position_ids"),
-            use_cache=False,
-            logits_to_keep=1,
-        )
-    finally:
-        handle.remove()
-    hidden = captured[-1][:, :-1]
-    labels, owners = batch["labels"][:, 1:], batch["sequence_ids"][:, 1:]
-    keep = labels != IGNORE_INDEX
-    logps = token_logps(head, hidden[keep], labels[keep], chunk)
+    inputs = {key: batch.get(key) for key in ("input_ids", "attention_mask", "position_ids")}
+    hidden = decoder_hidden_states(model, inputs)
+    states, targets, mask = label_positions(hidden, batch["labels"])
+    logps = token_logprobs(states, targets, OutputHead.of(model), chunk)
+    owners = F.pad(batch["sequence_ids"], (0, 1), value=-1)[..., 1:][mask]  # the sequence of each target token
     sequences = int(batch["sequence_ids"].max()) + 1
-    totals = torch.zeros(sequences, dtype=torch.float32, device=logps.device).index_add(0, owners[keep], logps)
-    counts = torch.zeros(sequences, dtype=torch.float32, device=logps.device).index_add(
-        0, owners[keep], torch.ones_like(logps)
-    )
+    totals = logps.new_zeros(sequences).index_add(0, owners, logps)
+    counts = logps.new_zeros(sequences).index_add(0, owners, torch.ones_like(logps))
     return totals, counts
 
 
@@ -185,7 +150,7 @@ class DPOTrainer(ReliableTrainerMixin, Trainer):
         simpo_gamma: float = 0.5,
         sft_weight: float = 0.0,
         reference: str | nn.Module = "adapter_off",
-        chunk: int = DEFAULT_CHUNK,
+        chunk: int = DEFAULT_CHUNK_SIZE,
         **kwargs,
     ) -> None:
         kwargs.setdefault("compute_metrics", self._eval_metrics)

@@ -28,8 +28,9 @@ from component.data.conversation import Conversation, Turn
 from component.data.template import Template
 from component.inference.engine import clean_answer, generate_kwargs
 from component.inference.scoring import RewardScorer
-from component.train.dpo import DEFAULT_CHUNK, as_reference, decoder_and_head, token_logps, unwrap
+from component.train.dpo import as_reference, unwrap
 from component.train.guards import ReliableTrainerMixin
+from component.train.lm_head import DEFAULT_CHUNK_SIZE, OutputHead, decoder_hidden_states, token_logprobs
 from component.train.rl import (
     clipped_policy_loss,
     group_advantages,
@@ -71,37 +72,26 @@ class RepeatSampler(Sampler[int]):
 
 
 def completion_logps(
-    model: nn.Module, batch: dict[str, torch.Tensor], chunk: int = DEFAULT_CHUNK, entropy: bool = False
+    model: nn.Module, batch: dict[str, torch.Tensor], chunk: int = DEFAULT_CHUNK_SIZE, entropy: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-token log-probs [N, C] of the completion tokens (0 on padding); with `entropy`, also the per-token
     entropy of the policy's distribution (no gradient). Logits only at completion positions, in chunks."""
-    decoder, head = decoder_and_head(model)
-    captured: list[torch.Tensor] = []
-    handle = decoder.register_forward_hook(lambda _m, _i, output: captured.append(output[0]))
-    try:
-        model(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            position_ids=batch["position_ids"],
-            use_cache=False,
-            logits_to_keep=1,
-        )
-    finally:
-        handle.remove()
+    inputs = {key: batch[key] for key in ("input_ids", "attention_mask", "position_ids")}
+    hidden = decoder_hidden_states(model, inputs)
     prompt = batch["input_ids"].shape[1] - batch["completion_ids"].shape[1]
-    hidden = captured[-1][:, prompt - 1 : -1]  # position t predicts token t + 1
     mask = batch["completion_mask"].bool()
-    values = token_logps(head, hidden[mask], batch["completion_ids"][mask], chunk)
+    states = hidden[:, prompt - 1 : -1][mask]  # position t predicts token t + 1
+    head = OutputHead.of(model)
+    values = token_logprobs(states, batch["completion_ids"][mask], head, chunk)
     logps = torch.zeros(mask.shape, dtype=values.dtype, device=values.device).masked_scatter(mask, values)
     if not entropy:
         return logps, None
     with torch.no_grad():
-        entropies = []
-        states = hidden[mask].detach()
+        pieces = []
         for start in range(0, states.shape[0], chunk):
-            log_probs = torch.log_softmax(head(states[start : start + chunk]).float(), -1)
-            entropies.append(-(log_probs.exp() * log_probs).sum(-1))
-        flat = torch.cat(entropies) if entropies else values.new_zeros(0)
+            log_probs = torch.log_softmax(head.logits(states[start : start + chunk].detach()), -1)
+            pieces.append(-(log_probs.exp() * log_probs).sum(-1))
+        flat = torch.cat(pieces) if pieces else values.new_zeros(0)
     return logps, torch.zeros(mask.shape, dtype=flat.dtype, device=flat.device).masked_scatter(mask, flat)
 
 
@@ -129,6 +119,7 @@ class RLTrainer(ReliableTrainerMixin, Trainer):
         mask_truncated_completions: bool = False,
         reference: str | nn.Module = "adapter_off",
         sample_log_steps: int = 10,
+        chunk: int = DEFAULT_CHUNK_SIZE,
         **kwargs,
     ) -> None:
         kwargs.setdefault("data_collator", list)
@@ -145,6 +136,7 @@ class RLTrainer(ReliableTrainerMixin, Trainer):
         self.exact_match_weight = exact_match_weight
         self.reward_function, self.reward_function_weight = reward_function, reward_function_weight
         self.mask_truncated_completions = mask_truncated_completions
+        self.chunk = chunk
         self.model_accepts_loss_kwargs = False
         self.label_names = []
         self._rollouts: dict[tuple, dict] = {}
@@ -242,9 +234,9 @@ class RLTrainer(ReliableTrainerMixin, Trainer):
         }
         model = self.model
         with torch.no_grad():
-            old_logps, entropy = completion_logps(model, batch, entropy=True)
+            old_logps, entropy = completion_logps(model, batch, self.chunk, entropy=True)
             with as_reference(model, self.reference) as reference:
-                ref_logps, _ = completion_logps(reference, batch)
+                ref_logps, _ = completion_logps(reference, batch, self.chunk)
         total = rewards["total"]
         if self.algorithm == "rloo":  # the KL penalty is part of RLOO's sequence reward
             kl = ((old_logps - ref_logps) * completion_mask).sum(-1)
@@ -275,7 +267,7 @@ class RLTrainer(ReliableTrainerMixin, Trainer):
 
     # --- the loss -------------------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        logps, _ = completion_logps(model, inputs)
+        logps, _ = completion_logps(model, inputs, self.chunk)
         mask = inputs["completion_mask"]
         # One pass per rollout: the rollout's log-probs are these (ratio exactly 1); later passes use the stored ones.
         old = logps.detach() if self.num_iterations == 1 else inputs["old_logps"]

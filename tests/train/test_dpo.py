@@ -17,7 +17,8 @@ from component.data.collators import PairCollator
 from component.data.conversation import PreferencePair
 from component.data.pairwise import encode_pair
 from component.data.template import IGNORE_INDEX, get_template
-from component.train.dpo import preference_loss, sequence_logps, token_logps
+from component.train.dpo import preference_loss, sequence_logps
+from component.train.lm_head import OutputHead, token_logprobs
 from tests.utils import REPO
 
 DEMO_PAIRS = [json.loads(line) for line in (REPO / "data/demo/preference_train.jsonl").read_text("utf-8").splitlines()]
@@ -93,7 +94,7 @@ def test_chunked_token_logps_gradients_equal_full_logits():
     head = torch.nn.Linear(16, 50, bias=False)
     hidden = torch.randn(23, 16, requires_grad=True)
     targets = torch.randint(0, 50, (23,))
-    chunked = token_logps(head, hidden, targets, chunk=5)
+    chunked = token_logprobs(hidden, targets, OutputHead(head), chunk_size=5)
     chunked.sum().backward()
     grads = hidden.grad.clone(), head.weight.grad.clone()
     hidden.grad, head.weight.grad = None, None
