@@ -8,6 +8,7 @@ wrong types and impossible combinations fail with a message naming the key and t
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import os
 from dataclasses import dataclass, field
@@ -134,6 +135,8 @@ def build_arguments(
     """The same as load_arguments for a dict already read (tests, other front ends)."""
     if isinstance(raw.get("resume_from_checkpoint"), bool):  # true = the latest checkpoint, resolved later
         raw = {**raw, "resume_from_checkpoint": "true" if raw["resume_from_checkpoint"] else None}
+    if isinstance(raw.get("fsdp"), bool):  # TrainingArguments types it str for the legacy form; true is the new one
+        raw = {**raw, "fsdp": "true" if raw["fsdp"] else None}
     values = check_settings(recipe_fields(ours), raw, overrides or {}, source, prog)
     return _build(values, ours, source)
 
@@ -154,11 +157,14 @@ def _build(
     hf_values = {k: v for k, v in values.items() if k not in our_fields}
     args = ours(**ours_values)
     _apply_training_defaults(hf_values)
+    check_scale_out(args, hf_values, source)
     try:
         training_args = TrainingArguments(**hf_values)
     except (ValueError, TypeError) as error:
         raise ConfigError(f"{source}: {error}") from None
     training_args.device  # noqa: B018  (sets up torchrun's process group, so process_index is right from here on)
+    if training_args.deepspeed:
+        join_deepspeed_comm()
     validate(args, training_args, source)
     return args, training_args
 
@@ -171,6 +177,40 @@ def _apply_training_defaults(values: dict[str, Any]) -> None:
     values.setdefault("remove_unused_columns", False)
     # Without a GPU, accelerate only sets up torchrun's processes (gloo) when told it runs on the CPU.
     values.setdefault("use_cpu", not (torch.cuda.is_available() or torch.backends.mps.is_available()))
+
+
+def check_scale_out(args: FinetuneArguments, hf_values: dict[str, Any], source: str) -> None:
+    """The `deepspeed` / `fsdp` keys: the package is there, and the weights can be sharded (docs/scale_out.md)."""
+    if hf_values.get("fsdp") in ("true", "True"):
+        hf_values["fsdp"] = True
+    elif hf_values.get("fsdp") in ("false", "False", ""):
+        hf_values["fsdp"] = None
+    if not hf_values.get("deepspeed"):
+        engine = "fsdp" if hf_values.get("fsdp") else None
+    else:
+        engine = "deepspeed"
+        if importlib.util.find_spec("deepspeed") is None:
+            raise ConfigError(
+                f"{source}: 'deepspeed' is set but the deepspeed package is not installed "
+                "(DS_BUILD_OPS=0 pip install deepspeed; see docs/scale_out.md)"
+            )
+    if engine and args.quantization == "8bit":
+        raise ConfigError(
+            f"{source}: 'quantization': \"8bit\" cannot be combined with '{engine}' (8-bit weights cannot be "
+            'sharded); use "finetuning_type": "qlora" (4-bit) or LoRA in 16-bit, see docs/scale_out.md'
+        )
+
+
+def join_deepspeed_comm() -> None:
+    """Attach deepspeed.comm to the process group accelerate created (on the CPU a plain gloo one).
+
+    ZeRO-3 builds the model inside `deepspeed.zero.Init` (from_pretrained), which reads the world size from
+    deepspeed.comm: without this it sees 1 and rejects the batch sizes. On GPUs accelerate already did it.
+    """
+    import deepspeed.comm
+
+    if torch.distributed.is_initialized() and not deepspeed.comm.is_initialized():
+        deepspeed.comm.init_distributed(dist_backend=torch.distributed.get_backend(), auto_mpi_discovery=False)
 
 
 def validate(args: FinetuneArguments, training_args: TrainingArguments, source: str) -> None:
