@@ -69,6 +69,17 @@ class FinetuneArguments:
     )
     finetuning_type: str = field(default="lora", metadata=choices(*FINETUNING_TYPES))
     quantization: str | None = field(default=None, metadata=choices(*QUANTIZATIONS))
+    bnb_4bit_quant_storage: str | None = field(
+        default=None,
+        metadata=choices(
+            "bfloat16",
+            "float16",
+            "float32",
+            None,
+            help="dtype the packed 4-bit weights are stored in; QLoRA under FSDP / ZeRO-3 needs the compute dtype "
+            "(bfloat16) so they shard with the rest (docs/scale_out.md); null = uint8.",
+        ),
+    )
     lora_rank: int = field(default=64, metadata={"help": "LoRA rank r."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling alpha."})
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
@@ -185,20 +196,35 @@ def check_scale_out(args: FinetuneArguments, hf_values: dict[str, Any], source: 
         hf_values["fsdp"] = True
     elif hf_values.get("fsdp") in ("false", "False", ""):
         hf_values["fsdp"] = None
-    if not hf_values.get("deepspeed"):
-        engine = "fsdp" if hf_values.get("fsdp") else None
-    else:
-        engine = "deepspeed"
+    engine = "fsdp" if hf_values.get("fsdp") else None  # the engines that shard the weights themselves
+    if hf_values.get("deepspeed"):
         if importlib.util.find_spec("deepspeed") is None:
             raise ConfigError(
                 f"{source}: 'deepspeed' is set but the deepspeed package is not installed "
                 "(DS_BUILD_OPS=0 pip install deepspeed; see docs/scale_out.md)"
             )
+        engine = "deepspeed" if zero_stage(hf_values["deepspeed"]) == 3 else None
+    if args.bnb_4bit_quant_storage is not None and args.quantization != "4bit":
+        raise ConfigError(f"{source}: 'bnb_4bit_quant_storage' only applies to 'quantization': \"4bit\"")
+    if engine and args.quantization == "4bit" and args.bnb_4bit_quant_storage is None:
+        raise ConfigError(
+            f"{source}: 4-bit QLoRA under '{engine}' needs 'bnb_4bit_quant_storage': \"bfloat16\" (the compute "
+            "dtype), so the packed weights can be sharded like the other parameters; see docs/scale_out.md"
+        )
     if engine and args.quantization == "8bit":
         raise ConfigError(
             f"{source}: 'quantization': \"8bit\" cannot be combined with '{engine}' (8-bit weights cannot be "
             'sharded); use "finetuning_type": "qlora" (4-bit) or LoRA in 16-bit, see docs/scale_out.md'
         )
+
+
+def zero_stage(deepspeed: dict | str) -> int | None:
+    """The ZeRO stage of a `deepspeed` value (a config dict or a JSON file path)."""
+    if isinstance(deepspeed, str):
+        if not os.path.isfile(deepspeed):
+            raise ConfigError(f"'deepspeed' file {deepspeed!r} does not exist (see config/deepspeed/)")
+        deepspeed = read_json_object(deepspeed, "deepspeed")
+    return deepspeed.get("zero_optimization", {}).get("stage")
 
 
 def join_deepspeed_comm() -> None:

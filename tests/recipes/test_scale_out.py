@@ -1,0 +1,260 @@
+"""Scale-out through the recipes on the CPU: DDP, DeepSpeed ZeRO-2/3 and FSDP2 under a 2-process torchrun.
+
+Every engine trains the same tiny model on the same data for 4 steps and must end on the same weights as DDP
+(full fine-tuning and LoRA); ZeRO-3 and FSDP must really hold ~1/2 of the parameters per rank (recorded inside
+the run by tests/recipes/scale_out_probe.py); a resume from their step-2 checkpoint must equal the
+uninterrupted run; the reward model trains under ZeRO-3; config/full_qwen_zero3.json runs as shipped on a
+tiny model; two single-process "nodes" (two torchrun launchers on loopback) equal one 2-process node.
+Each run happens once per module (fixtures) and is shared by the assertions on it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.utils import REPO, run_torchrun
+
+pytestmark = pytest.mark.slow
+
+PROBE = REPO / "tests/recipes/scale_out_probe.py"
+ZERO2 = str(REPO / "config/deepspeed/zero2.json")
+ZERO3 = str(REPO / "config/deepspeed/zero3.json")
+FSDP = str(REPO / "config/fsdp/full_shard.json")
+ENGINES = {
+    "ddp": [],
+    "zero2": ["--deepspeed", ZERO2],
+    "zero3": ["--deepspeed", ZERO3],
+    "fsdp": ["--fsdp", "true", "--fsdp_config", FSDP],
+}
+SAVES_CHECKPOINTS = ("zero3", "fsdp")  # full fine-tuning runs whose step-2 checkpoint the resume test uses
+
+pytest.importorskip("deepspeed", reason="deepspeed is a test requirement (requirements-dev.txt)")
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, tiny_llama_dir) -> Path:
+    folder = tmp_path_factory.mktemp("scale_out")
+    rows = (REPO / "data/demo/digits_train.jsonl").read_text("utf-8").splitlines()[:32]
+    (folder / "train.jsonl").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    base = {
+        "model_name_or_path": str(tiny_llama_dir),
+        "train_file": str(folder / "train.jsonl"),
+        "max_seq_length": 64,
+        "lora_rank": 8,
+        "lora_alpha": 16,
+        "lora_dropout": 0.0,
+        "per_device_train_batch_size": 4,
+        "learning_rate": 5e-3,
+        "max_steps": 4,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": "none",
+        "seed": 7,
+        "data_cache_dir": str(folder / "cache"),
+    }
+    (folder / "base.json").write_text(json.dumps(base), encoding="utf-8")
+    return folder
+
+
+def train(workdir: Path, name: str, *overrides: str, script: str = "train_sft") -> Path:
+    out = workdir / name
+    run_torchrun(PROBE, script, "--train_args_file", workdir / "base.json", "--output_dir", out, *overrides)
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(workdir) -> dict[tuple[str, str], Path]:
+    """(engine, full|lora) -> output folder, each trained once."""
+    result = {}
+    for kind in ("full", "lora"):
+        for engine, flags in ENGINES.items():
+            saves = (
+                ["--save_strategy", "steps", "--save_steps", "2"]
+                if kind == "full" and engine in SAVES_CHECKPOINTS
+                else []
+            )
+            result[engine, kind] = train(workdir, f"{engine}_{kind}", "--finetuning_type", kind, *flags, *saves)
+    return result
+
+
+def weights(out: Path) -> dict[str, torch.Tensor]:
+    name = "adapter_model.safetensors" if (out / "adapter_model.safetensors").is_file() else "model.safetensors"
+    return load_file(out / name)
+
+
+def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert sorted(a) == sorted(b)
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+def shards(out: Path) -> list[dict]:
+    return [json.loads((out / "shards" / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+@pytest.mark.parametrize("kind", ["full", "lora"])
+@pytest.mark.parametrize("engine", ["zero2", "zero3", "fsdp"])
+def test_every_engine_ends_on_the_ddp_weights(runs, engine, kind):
+    reference, result = weights(runs["ddp", kind]), weights(runs[engine, kind])
+    assert all(t.dtype == torch.float32 for t in result.values())  # ZeRO-3's gathered save is the training dtype
+    assert max_difference(reference, result) < 1e-4, engine
+
+
+def test_training_moved_the_weights(runs, tiny_llama_dir):
+    before = load_file(tiny_llama_dir / "model.safetensors")
+    assert max_difference(before, weights(runs["ddp", "full"])) > 1e-3  # equal-to-DDP would be trivial otherwise
+
+
+@pytest.mark.parametrize("kind", ["full", "lora"])
+def test_zero3_and_fsdp_hold_half_the_parameters_per_rank(runs, kind):
+    full = shards(runs["ddp", kind])
+    assert all(r["param_numel_local"] == r["param_numel_full"] for r in full)  # DDP: a whole replica per rank
+    for engine in ("zero3", "fsdp"):
+        for rank in shards(runs[engine, kind]):
+            assert rank["world_size"] == 2
+            assert rank["param_numel_full"] == full[0]["param_numel_full"]
+            assert 0.45 < rank["param_numel_local"] / rank["param_numel_full"] < 0.56, (engine, rank)
+    for engine in ("zero2", "zero3", "fsdp"):  # optimizer state is sharded by all three
+        for rank in shards(runs[engine, kind]):
+            ratio = rank["optimizer_state_bytes"] / full[0]["optimizer_state_bytes"]
+            assert 0.45 < ratio < 0.56, (engine, rank)
+
+
+@pytest.mark.parametrize("engine", SAVES_CHECKPOINTS)
+def test_resume_from_a_sharded_checkpoint_equals_the_uninterrupted_run(workdir, runs, engine):
+    uninterrupted = runs[engine, "full"]
+    checkpoint = uninterrupted / "checkpoint-2"
+    assert checkpoint.is_dir()
+    resumed = train(
+        workdir,
+        f"{engine}_resumed",
+        "--finetuning_type",
+        "full",
+        *ENGINES[engine],
+        "--resume_from_checkpoint",
+        checkpoint,
+    )
+    state = json.loads((resumed / "trainer_state.json").read_text())
+    assert state["global_step"] == 4 and [e["step"] for e in state["log_history"] if "loss" in e] == [1, 2, 3, 4]
+    assert max_difference(weights(uninterrupted), weights(resumed)) < 1e-6
+
+
+def test_the_zero3_outputs_load_back_through_our_loaders(runs, tiny_llama_dir):
+    from component.model.loader import load_for_inference
+
+    full = runs["zero3", "full"]
+    saved = weights(full)
+    loaded = load_for_inference(str(full)).state_dict()
+    assert max_difference(saved, {k: loaded[k] for k in saved}) == 0
+    lora = runs["zero3", "lora"]
+    model = load_for_inference(str(tiny_llama_dir), adapter=str(lora))
+    trained = weights(lora)
+    assert (
+        max_difference(trained, {k.replace(".default", ""): v for k, v in model.state_dict().items() if ".lora_" in k})
+        == 0
+    )
+
+
+def test_reward_model_trains_under_zero3_with_its_score_head(workdir, runs):
+    pairs = (REPO / "data/demo/preference_train.jsonl").read_text("utf-8").splitlines()
+    (workdir / "pairs.jsonl").write_text("\n".join(pairs[:16]) + "\n", encoding="utf-8")
+    (workdir / "pairs_eval.jsonl").write_text("\n".join(pairs[16:24]) + "\n", encoding="utf-8")
+    out = train(
+        workdir,
+        "rm_zero3",
+        "--train_file",
+        workdir / "pairs.jsonl",
+        "--eval_file",
+        workdir / "pairs_eval.jsonl",
+        "--per_device_eval_batch_size",
+        "4",
+        "--max_steps",
+        "2",
+        "--deepspeed",
+        ZERO3,
+        script="train_rm",
+    )
+    adapter = load_file(out / "adapter_model.safetensors")
+    head = [k for k in adapter if ".score." in k]
+    assert head and all(adapter[k].numel() == 64 for k in head if k.endswith("weight"))  # gathered, not a shard
+    results = json.loads((out / "eval_results.json").read_text())
+    assert 0.0 <= results["eval_accuracy"] <= 1.0
+    assert all(0.45 < r["param_numel_local"] / r["param_numel_full"] < 0.56 for r in shards(out))
+
+
+def test_full_qwen_zero3_config_runs_as_shipped_on_a_tiny_model(workdir, tiny_llama_dir):
+    """Only paths and sizes overridden; bf16, gradient checkpointing, ZeRO-3, the schedule stay as shipped."""
+    out = workdir / "full_qwen_zero3"
+    run_torchrun(
+        PROBE,
+        "train_sft",
+        "--train_args_file",
+        REPO / "config/full_qwen_zero3.json",
+        "--model_name_or_path",
+        tiny_llama_dir,
+        "--train_file",
+        workdir / "train.jsonl",
+        "--output_dir",
+        out,
+        "--data_cache_dir",
+        workdir / "cache",
+        "--num_proc",
+        "1",
+        "--max_seq_length",
+        "64",
+        "--per_device_train_batch_size",
+        "2",
+        "--gradient_accumulation_steps",
+        "2",
+        "--max_steps",
+        "2",
+        "--save_steps",
+        "2",
+        "--test_size",
+        "0",
+        "--report_to",
+        "none",
+    )
+    shipped = json.loads((REPO / "config/full_qwen_zero3.json").read_text())
+    resolved = json.loads((out / "train_args.json").read_text())
+    for key in ("deepspeed", "finetuning_type", "bf16", "gradient_checkpointing", "learning_rate", "lr_scheduler_type"):
+        assert resolved[key] == shipped[key], key
+    saved = load_file(out / "model.safetensors")  # stage3_gather_16bit_weights_on_model_save: one consolidated file
+    assert {str(t.dtype) for t in saved.values()} == {"torch.bfloat16"}
+    assert (out / "checkpoint-2").is_dir()
+    assert all(0.45 < r["param_numel_local"] / r["param_numel_full"] < 0.56 for r in shards(out))
+
+
+def test_two_nodes_on_loopback_equal_one_node_with_two_processes(workdir, runs):
+    """Two torchrun launchers, --nnodes 2 --nproc_per_node 1, static rendezvous on 127.0.0.1."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = workdir / "two_nodes"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    launchers = [
+        subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(rank)]
+            + ["--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port)]
+            + [str(PROBE), "train_sft", "--train_args_file", str(workdir / "base.json"), "--output_dir", str(out)]
+            + ["--finetuning_type", "full"],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    logs = [launcher.communicate(timeout=300)[0] for launcher in launchers]
+    assert [launcher.returncode for launcher in launchers] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    assert [r["world_size"] for r in shards(out)] == [2, 2]
+    assert max_difference(weights(runs["ddp", "full"]), weights(out)) < 1e-6
