@@ -1,6 +1,7 @@
 """Run a recipe under torchrun with a callback that records what each rank really holds (sharding proof).
 
     torchrun ... tests/recipes/scale_out_probe.py train_sft|train_rm --train_args_file ... [--key value ...]
+        [--then train_sft|train_rm --train_args_file ... ...]
 
 After the first optimizer step every rank writes `<output_dir>/shards/rank<N>.json`: the elements of the
 parameters it stores locally (ZeRO-3: `ds_tensor`, FSDP2: the DTensor's local shard, else the tensor) against
@@ -83,7 +84,15 @@ def fsdp_on_cpu() -> None:
     AcceleratorState.__init__ = init
 
 
+def runs(argv: list[str]) -> list[list[str]]:
+    """`recipe args...` lists separated by `--then`: several trainings in one launch share its start-up cost."""
+    result = [[]]
+    for arg in argv:
+        result.append([]) if arg == "--then" else result[-1].append(arg)
+    return result
+
+
 if __name__ == "__main__":
     fsdp_on_cpu()
-    recipe = importlib.import_module(sys.argv[1])
-    recipe.main(sys.argv[2:], callbacks=[ShardProbe()])
+    for recipe, *argv in runs(sys.argv[1:]):
+        importlib.import_module(recipe).main(argv, callbacks=[ShardProbe()])
