@@ -203,7 +203,7 @@ def check_scale_out(args: FinetuneArguments, hf_values: dict[str, Any], source: 
                 f"{source}: 'deepspeed' is set but the deepspeed package is not installed "
                 "(DS_BUILD_OPS=0 pip install deepspeed; see docs/scale_out.md)"
             )
-        engine = "deepspeed" if zero_stage(hf_values["deepspeed"]) == 3 else None
+        engine = "deepspeed" if zero_stage(hf_values["deepspeed"], source) == 3 else None
     if args.bnb_4bit_quant_storage is not None and args.quantization != "4bit":
         raise ConfigError(f"{source}: 'bnb_4bit_quant_storage' only applies to 'quantization': \"4bit\"")
     if engine and args.quantization == "4bit" and args.bnb_4bit_quant_storage is None:
@@ -218,11 +218,11 @@ def check_scale_out(args: FinetuneArguments, hf_values: dict[str, Any], source: 
         )
 
 
-def zero_stage(deepspeed: dict | str) -> int | None:
+def zero_stage(deepspeed: dict | str, source: str = "train_args") -> int | None:
     """The ZeRO stage of a `deepspeed` value (a config dict or a JSON file path)."""
     if isinstance(deepspeed, str):
         if not os.path.isfile(deepspeed):
-            raise ConfigError(f"'deepspeed' file {deepspeed!r} does not exist (see config/deepspeed/)")
+            raise ConfigError(f"{source}: 'deepspeed' file {deepspeed!r} does not exist (see config/deepspeed/)")
         deepspeed = read_json_object(deepspeed, "deepspeed")
     return deepspeed.get("zero_optimization", {}).get("stage")
 

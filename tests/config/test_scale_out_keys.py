@@ -72,3 +72,8 @@ def test_qlora_under_zero2_needs_no_storage_dtype_and_the_loader_sets_it_when_as
     from component.model.loader import quantization_config
 
     assert quantization_config("4bit", "bfloat16").bnb_4bit_quant_storage == torch.bfloat16
+
+
+def test_a_missing_deepspeed_file_names_the_key(base):
+    with pytest.raises(ConfigError, match="'deepspeed' file 'nowhere.json' does not exist"):
+        build_arguments({**base, "deepspeed": "nowhere.json"})

@@ -48,16 +48,18 @@ class ShardProbe(TrainerCallback):
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         if state.global_step != 1:
             return
-        local = full = trainable_local = 0
+        local = full = trainable_local = local_bytes = 0
         for param in model.parameters():
             mine, whole = local_and_full_numel(param)
             local, full = local + mine, full + whole
             trainable_local += mine if param.requires_grad else 0
+            local_bytes += mine * param.element_size()
         report = {
             "rank": args.process_index,
             "world_size": args.world_size,
             "param_numel_local": local,
             "param_numel_full": full,
+            "param_bytes_local": local_bytes,
             "trainable_numel_local": trainable_local,
             "optimizer_state_bytes": state_bytes(optimizer),
         }

@@ -72,7 +72,7 @@ def sft(workdir: Path, name: str, *overrides) -> list:
 
 def launch(*trainings: list) -> None:
     argv = [arg for training in trainings for arg in ["--then", *training]][1:]
-    run_torchrun(PROBE, *argv)
+    run_torchrun(PROBE, *argv, timeout=900)
 
 
 def engine_trainings(workdir: Path, engine: str, tiny_llama_dir: Path) -> list[list]:
@@ -134,13 +134,16 @@ def shards(out: Path) -> list[dict]:
 
 def memory_table(runs: Path) -> str:
     """Per-rank parameter elements and optimizer-state bytes, as docs/scale_out.md shows them."""
-    lines = ["| run | params held per rank | of the model | optimizer state per rank |", "|---|---:|---:|---:|"]
+    lines = [
+        "| run | parameters held per rank | of the model | parameter bytes per rank | optimizer state per rank |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for kind in ("full", "lora"):
         for engine in ENGINES:
             rank = shards(runs / f"{engine}_{kind}")[0]
             share = rank["param_numel_local"] / rank["param_numel_full"]
             lines.append(
-                f"| {engine} {kind} | {rank['param_numel_local']:,} | {share:.1%} | "
+                f"| {engine} {kind} | {rank['param_numel_local']:,} | {share:.1%} | {rank['param_bytes_local']:,} B | "
                 f"{rank['optimizer_state_bytes']:,} B |"
             )
     return "\n".join(lines)
