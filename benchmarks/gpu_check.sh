@@ -111,10 +111,10 @@ def run_mode(name):
     from component.train.batching import make_collator, use_packing
 
     keys, attention = MODES[name]
-    args, training_args = build_arguments(train_args(keys))
+    args, training_args = build_arguments(train_args({**keys, "attn_implementation": attention}))
     tokenizer = load_tokenizer(args.model_name_or_path)
     data = prepare_sft_data(args, get_template(args.template, tokenizer), training_args)
-    model = load_model(args, training_args.gradient_checkpointing, attn_implementation=attention)
+    model = load_model(args, training_args.gradient_checkpointing)
     packing = use_packing(args, training_args, model)
     collator = make_collator(args, training_args, tokenizer, packing, model)
     counts, times = [], []
