@@ -42,6 +42,10 @@ if [ -n "$missing" ]; then
     echo "installing from $WHEELS:$missing"
     "$PYTHON" -m pip install -q --no-index --find-links "$WHEELS" $missing
 fi
+if [ "${SCALE:-1}" != "0" ] && ! "$PYTHON" -c "import deepspeed" 2>/dev/null; then  # only the ZeRO-3 cases need it
+    DS_BUILD_OPS=0 "$PYTHON" -m pip install -q --no-index --find-links "$WHEELS" deepspeed \
+        || echo "deepspeed is not installed (and not in $WHEELS): the ZeRO-3 cases will fail"
+fi
 
 cat > "$WORK/gpu_check.py" <<'PY'
 import json, os, subprocess, sys, time
