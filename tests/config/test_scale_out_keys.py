@@ -36,6 +36,13 @@ def test_fsdp_true_with_an_fsdp_config_file_is_fsdp2(tmp_path, base, cli):
     assert training_args.fsdp_plugin_args["auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
 
 
+@pytest.mark.parametrize("name, reshard", [("full_shard", True), ("shard_grad_op", False)])
+def test_every_shipped_fsdp_config_is_fsdp2(base, name, reshard):
+    _, training_args = build_arguments({**base, "fsdp": True, "fsdp_config": str(REPO / f"config/fsdp/{name}.json")})
+    assert training_args.fsdp_plugin_args["fsdp_version"] == 2
+    assert training_args.fsdp_plugin_args["reshard_after_forward"] is reshard
+
+
 def test_deepspeed_file_path_from_the_command_line_is_a_path(tmp_path, base):
     path = tmp_path / "args.json"
     path.write_text(json.dumps(base), encoding="utf-8")
