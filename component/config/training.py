@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -197,6 +198,12 @@ def check_scale_out(args: FinetuneArguments, hf_values: dict[str, Any], source: 
     elif hf_values.get("fsdp") in ("false", "False", ""):
         hf_values["fsdp"] = None
     engine = "fsdp" if hf_values.get("fsdp") else None  # the engines that shard the weights themselves
+    if engine and hf_values.get("use_cpu"):
+        logging.getLogger(__name__).warning(
+            "%s: accelerate keeps 'fsdp' only on GPUs (and other accelerators); on the CPU the run is DDP "
+            "(docs/scale_out.md, 'On the CPU')",
+            source,
+        )
     if hf_values.get("deepspeed"):
         if importlib.util.find_spec("deepspeed") is None:
             raise ConfigError(
