@@ -14,6 +14,7 @@ demo: setup
 	$(PYTHON) -m component.demo_assets model config/demo/model/config.json $(DEMO)/base_model
 	$(PYTHON) train_sft.py --train_args_file config/demo/sft_lora.json
 	$(PYTHON) train_rm.py --train_args_file config/demo/rm_lora.json
+	$(PYTHON) train_dpo.py --train_args_file config/dpo/demo_lora.json
 	$(PYTHON) generate.py compare --config config/demo/compare.json
 
 test: setup

@@ -35,6 +35,8 @@ def chat(options: ChatOptions) -> None:
     settings = options.settings()
     if len(settings) > 1:
         raise ConfigError("chat takes one preset; compare runs several")
+    if len(options.adapters()) > 1:
+        raise ConfigError("chat takes one adapter; compare runs several")
     model, tokenizer, template = load_for_generation(options)
     session = ChatSession(model, tokenizer, template, settings[0], options.system, options.max_context)
     print(f"[{settings[0].describe()} | template {template.name}]")
@@ -43,16 +45,16 @@ def chat(options: ChatOptions) -> None:
 
 def compare(options: CompareOptions) -> None:
     from component.inference.compare import run_compare
+    from component.inference.report import duels, title
 
     result, paths = run_compare(options)
     for preset, entry in result.summary.items():
         for label, stats in entry["models"].items():
             shown = ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in stats.items())
             print(f"{preset:>8} {label:>5}: {shown}")
-        if "sft_vs_base" in entry:
-            duel = entry["sft_vs_base"]
+        for label, other, duel in duels(entry):
             print(
-                f"{preset:>8}   SFT win rate over base by reward: {duel['win_rate']:.1%} "
+                f"{preset:>8}   {title(label)} win rate over {title(other)} by reward: {duel['win_rate']:.1%} "
                 f"({duel['wins']} wins, {duel['ties']} ties, {duel['losses']} losses)"
             )
     print(f"Report: {paths['html']}  (also {paths['markdown']}, {paths['answers']})")

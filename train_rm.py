@@ -15,17 +15,22 @@ from __future__ import annotations
 import logging
 import sys
 
+from component.config.training import RewardArguments, check_usage_early
+
+if __name__ == "__main__":  # --help and a missing train-args file answer before torch loads
+    check_usage_early(sys.argv[1:], "train_rm.py", __doc__, RewardArguments)
+
 from transformers import set_seed
 
 from component.config.parser import run_cli, usage
-from component.config.training import TRAIN_ARGS_FLAG, RewardArguments, load_arguments, recipe_fields
+from component.config.training import TRAIN_ARGS_FLAG, load_arguments, recipe_fields
 from component.data.collators import PairCollator
 from component.data.pairwise import prepare_reward_data
 from component.data.template import get_template
 from component.model.loader import load_model, load_tokenizer
 from component.model.reward_head import SCORE_HEAD, train_score_head_in_fp32
 from component.train.batching import packing_row_tokens, use_packing
-from component.train.recipe import finish_training, record_data, resolve_resume, setup_logging
+from component.train.recipe import finish_training, lock_output_dir, record_data, resolve_resume, setup_logging
 from component.train.reward import RewardTrainer
 
 logger = logging.getLogger("train_rm")
@@ -36,6 +41,7 @@ PLOT_KEYS = ("loss", "eval_loss", "eval_accuracy", "eval_margin")
 def main(argv: list[str], callbacks: list | None = None) -> RewardTrainer | None:
     args, training_args = load_arguments(argv, RewardArguments, prog="train_rm.py")
     setup_logging(training_args)
+    lock = lock_output_dir(training_args)  # one run per output_dir: before anything is written there
 
     tokenizer = load_tokenizer(args.model_name_or_path, args.trust_remote_code)
     template = get_template(args.template, tokenizer)
@@ -73,10 +79,11 @@ def main(argv: list[str], callbacks: list | None = None) -> RewardTrainer | None
         data_collator=PairCollator(tokenizer.pad_token_id, packing, packing_row_tokens(args, model)),
         processing_class=tokenizer,
         margin=args.margin,
+        on_nonfinite=args.on_nonfinite,
         callbacks=callbacks,
     )
     result = trainer.train(resume_from_checkpoint=resolve_resume(training_args))
-    finish_training(trainer, result, PLOT_KEYS)
+    finish_training(trainer, result, PLOT_KEYS, lock=lock)
     return trainer
 
 

@@ -14,6 +14,11 @@ from __future__ import annotations
 import logging
 import sys
 
+from component.config.training import check_usage_early
+
+if __name__ == "__main__":  # --help and a missing train-args file answer before torch loads
+    check_usage_early(sys.argv[1:], "train_sft.py", __doc__)
+
 from transformers import Trainer, set_seed
 
 from component.config.parser import run_cli, usage
@@ -22,14 +27,20 @@ from component.data.supervised import prepare_sft_data, show_trained_spans
 from component.data.template import get_template
 from component.model.loader import load_model, load_tokenizer
 from component.train.batching import make_collator, use_packing
-from component.train.recipe import finish_training, record_data, resolve_resume, setup_logging
+from component.train.guards import ReliableTrainerMixin
+from component.train.recipe import finish_training, lock_output_dir, record_data, resolve_resume, setup_logging
 
 logger = logging.getLogger("train_sft")
+
+
+class SFTTrainer(ReliableTrainerMixin, Trainer):
+    """transformers.Trainer with atomic checkpoints and the signal / non-finite guards (train.guards)."""
 
 
 def main(argv: list[str], callbacks: list | None = None) -> Trainer | None:
     args, training_args = load_arguments(argv, prog="train_sft.py")
     setup_logging(training_args)
+    lock = lock_output_dir(training_args)  # one run per output_dir: before anything is written there
 
     tokenizer = load_tokenizer(args.model_name_or_path, args.trust_remote_code)
     template = get_template(args.template, tokenizer)
@@ -48,17 +59,18 @@ def main(argv: list[str], callbacks: list | None = None) -> Trainer | None:
 
     set_seed(training_args.seed)  # LoRA weights are initialised at load: same seed, same run
     model = load_model(args, training_args.gradient_checkpointing)
-    trainer = Trainer(
+    trainer = SFTTrainer(
         model=model,
         args=training_args,
         train_dataset=data.train,
         eval_dataset=data.eval,
         data_collator=make_collator(args, training_args, tokenizer, use_packing(args, training_args, model), model),
         processing_class=tokenizer,
+        on_nonfinite=args.on_nonfinite,
         callbacks=callbacks,
     )
     result = trainer.train(resume_from_checkpoint=resolve_resume(training_args))
-    finish_training(trainer, result)
+    finish_training(trainer, result, lock=lock)
     return trainer
 
 

@@ -19,3 +19,11 @@ PREFERENCE_FORMATS = (
     "openai_preference",
 )
 DATA_FORMATS = ("auto", *SFT_FORMATS, *PREFERENCE_FORMATS)
+NONFINITE_MODES = ("stop", "skip")
+
+# Preference-optimization losses (docs/dpo.md); simpo and orpo need no reference model.
+DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust", "simpo", "orpo")
+REFERENCE_FREE_LOSSES = ("simpo", "orpo")
+
+# Online RL algorithms (docs/rlhf.md).
+RL_ALGORITHMS = ("grpo", "rloo")

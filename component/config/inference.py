@@ -34,7 +34,13 @@ class ModelOptions:
     """Which weights to load and how to prompt them."""
 
     model_name_or_path: str | None = field(default=None, metadata=_help("Base (or merged) model folder."))
-    adapter: str | None = field(default=None, metadata=_help("LoRA adapter folder (train_sft.py output_dir)."))
+    adapter: str | list[str] | None = field(
+        default=None,
+        metadata=_help(
+            "LoRA adapter folder(s) (train_sft.py / train_dpo.py output_dir); several as NAME=PATH, e.g. "
+            "--adapter sft=output/sft --adapter dpo=output/dpo"
+        ),
+    )
     template: str | None = field(
         default=None,
         metadata=choices(
@@ -48,13 +54,29 @@ class ModelOptions:
     system: str | None = field(default=None, metadata=_help("System prompt for every conversation."))
     max_context: int | None = field(default=None, metadata=_help("Context length; default: the model config's."))
 
+    def adapters(self) -> dict[str, str]:
+        """Adapter name -> folder, in the order given; one unnamed adapter is "sft", several take folder names."""
+        items = [self.adapter] if isinstance(self.adapter, str) else list(self.adapter or [])
+        named: dict[str, str] = {}
+        for item in items:
+            name, equals, path = item.partition("=")
+            if not equals:
+                name, path = ("sft" if len(items) == 1 else Path(item).name), item
+            if not name.isidentifier() or name == "base":
+                raise ConfigError(f"'adapter' name {name!r} must be a word other than 'base' (NAME=PATH)")
+            if name in named:
+                raise ConfigError(f"'adapter' name {name!r} is given twice")
+            named[name] = path
+        return named
+
     def validate(self) -> None:
         if not self.model_name_or_path:
             raise ConfigError("missing 'model_name_or_path' (a local model folder), in --config or on the command line")
         _require_folder("model_name_or_path", self.model_name_or_path, "a local model folder")
-        _require_folder("adapter", self.adapter, "a LoRA output_dir")
-        if self.adapter and not (Path(self.adapter) / "adapter_config.json").is_file():
-            raise ConfigError(f"'adapter' {self.adapter!r} has no adapter_config.json (is it a LoRA output_dir?)")
+        for path in self.adapters().values():
+            _require_folder("adapter", path, "a LoRA output_dir")
+            if not (Path(path) / "adapter_config.json").is_file():
+                raise ConfigError(f"'adapter' {path!r} has no adapter_config.json (is it a LoRA output_dir?)")
         if self.max_context is not None and self.max_context < 2:
             raise ConfigError(f"'max_context' must be at least 2, got {self.max_context}")
 

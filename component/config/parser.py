@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import errno
 import json
 import sys
 import types
@@ -19,9 +20,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from component.config.errors import EXIT_IO, UserFacingError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserFacingError, ValueError):
     """A settings file or override that cannot work; the message names the key (and the file, if any)."""
+
+    label = "config error"
 
 
 class HelpRequested(Exception):
@@ -59,6 +64,8 @@ def check_value(where: str, value: Any, annotation: Any, from_cli: bool) -> Any:
                 errors.append(str(error))
         raise ConfigError(errors[0] if errors else f"{where} must not be null")
     if annotation is Any:
+        if from_cli and value in ("null", "None"):  # `--eval_file null` means none, not a file named null
+            return None
         return json.loads(value) if from_cli and value[:1] in "[{" else value
     if origin in (list, tuple):
         if from_cli and isinstance(value, str):
@@ -108,10 +115,13 @@ def fields_of(*classes: type) -> dict[str, dataclasses.Field]:
     return result
 
 
-def split_argv(argv: list[str], file_flag: str) -> tuple[str | None, dict[str, str]]:
-    """`[--FILE_FLAG F] [--key value | --key=value | --flag ...]` -> (F or None, {key: raw string})."""
+def split_argv(argv: list[str], file_flag: str) -> tuple[str | None, dict[str, str | list[str]]]:
+    """`[--FILE_FLAG F] [--key value | --key=value | --flag ...]` -> (F or None, {key: raw string}).
+
+    A key given more than once collects its values in a list (e.g. `--adapter sft=A --adapter dpo=B`).
+    """
     settings_file = None
-    overrides: dict[str, str] = {}
+    overrides: dict[str, str | list[str]] = {}
     i = 0
     while i < len(argv):
         token = argv[i]
@@ -131,6 +141,9 @@ def split_argv(argv: list[str], file_flag: str) -> tuple[str | None, dict[str, s
             i += 1
         if key == file_flag:
             settings_file = value
+        elif key in overrides:
+            previous = overrides[key]
+            overrides[key] = [*previous, value] if isinstance(previous, list) else [previous, value]
         else:
             overrides[key] = value
     return settings_file, overrides
@@ -176,6 +189,8 @@ def check_settings(
                 raise ConfigError(f"unknown option '--{key}'.{hint} (see {prog or 'the script'} --help)")
             raise ConfigError(f"{source}: unknown key '{key}'.{hint}")
         where = f"--{key}" if cli else f"{source}: '{key}'"
+        if cli and isinstance(value, list) and not _takes_list(spec.type):
+            raise ConfigError(f"{where} is given {len(value)} times; it takes one value")
         value = check_value(where, value, spec.type, cli)
         allowed = spec.metadata.get("choices") if spec.metadata else None
         if allowed is not None and value not in allowed:
@@ -184,6 +199,11 @@ def check_settings(
             raise ConfigError(f"{where} must be one of {shown}, got {json.dumps(value)}.{hint}")
         values[key] = value
     return values
+
+
+def _takes_list(annotation: Any) -> bool:
+    options = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) else ()
+    return any(typing.get_origin(option) in (list, tuple) for option in (annotation, *options))
 
 
 def parse_settings(
@@ -210,11 +230,30 @@ def usage(prog: str, doc: str, file_flag: str, fields: dict[str, dataclasses.Fie
     return "\n".join(lines)
 
 
+DEBUG_FLAG = "--debug"
+
+
 def run_cli(main: Callable[[list[str]], Any], argv: list[str], help_text: Callable[[], str]) -> None:
-    """An entry point's `__main__`: `--help` prints the key list; a ConfigError is one line and exit status 1."""
+    """An entry point's `__main__`: `--help` prints the key list; a user-facing error (bad settings, bad data,
+    a full disk, a signal) is one line on stderr and its exit code; `--debug` shows the traceback instead."""
+    debug = DEBUG_FLAG in argv
+    argv = [a for a in argv if a != DEBUG_FLAG]
     try:
         main(argv)
     except HelpRequested:
         print(help_text())
-    except ConfigError as error:
-        sys.exit(f"config error: {error}")
+    except UserFacingError as error:
+        if debug:
+            raise
+        print(f"{error.label}: {error}", file=sys.stderr)
+        sys.exit(error.exit_code)
+    except OSError as error:
+        if debug or error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"disk full: {error}", file=sys.stderr)  # outside a checkpoint save (those say more)
+        sys.exit(EXIT_IO)
+    except KeyboardInterrupt:  # a Ctrl-C outside training (training saves first: train.guards)
+        if debug:
+            raise
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

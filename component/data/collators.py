@@ -124,26 +124,48 @@ class PackingCollator:
 class PairCollator:
     """A batch of B pairs as 2B sequences: the B chosen first, then the B rejected.
 
-    Padded: input_ids + attention_mask (kept: it locates each sequence's last token), right padding. Packed:
-    PackingCollator's padding-free rows of at most `row_tokens` (None: one flat row; see
-    training.packing_row_tokens), position_ids restarting per sequence, no attention_mask, plus
-    `score_index`, the flat (row * width + column) index of each sequence's last token.
+    Padded: input_ids + attention_mask (the reward model reads it to locate each sequence's last token), right
+    padding. Packed: PackingCollator's padding-free rows of at most `row_tokens` (None: one flat row; see
+    train.batching.packing_row_tokens), position_ids restarting per sequence, no attention_mask, plus
+    `score_index`, the flat (row * width + column) index of each sequence's last token. With labels (DPO:
+    `chosen_labels` / `rejected_labels`) the batch also has `labels` and `sequence_ids` (which of the 2B
+    sequences each position belongs to, -1 on padding), so per-sequence log-probs can be summed.
     """
 
     pad_token_id: int
     packing: bool = False
     row_tokens: int | None = None
+    attention_mask: bool = True
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        sequences = [f["chosen_input_ids"] for f in features] + [f["rejected_input_ids"] for f in features]
+        sides = ("chosen", "rejected")
+        sequences = [f[f"{side}_input_ids"] for side in sides for f in features]
         rows = [{"input_ids": ids} for ids in sequences]
+        with_labels = "chosen_labels" in features[0]
+        if with_labels:
+            for row, labels in zip(rows, [f[f"{side}_labels"] for side in sides for f in features]):
+                row["labels"] = labels
+        lengths = [len(ids) for ids in sequences]
         if not self.packing:
-            return PaddingCollator(pad_token_id=self.pad_token_id, attention_mask=True)(rows)
-        batch = PackingCollator(pad_token_id=self.pad_token_id, row_tokens=self.row_tokens)(rows)
-        batch["score_index"] = packed_last_tokens(
-            [len(ids) for ids in sequences], self.row_tokens, batch["position_ids"]
-        )
+            batch = PaddingCollator(pad_token_id=self.pad_token_id, attention_mask=self.attention_mask)(rows)
+            width = batch["input_ids"].shape[1]
+            last = torch.tensor([i * width + n - 1 for i, n in enumerate(lengths)])
+        else:
+            batch = PackingCollator(pad_token_id=self.pad_token_id, row_tokens=self.row_tokens)(rows)
+            last = batch["score_index"] = packed_last_tokens(lengths, self.row_tokens, batch["position_ids"])
+        if with_labels:
+            batch["sequence_ids"] = sequence_ids(lengths, last, batch["input_ids"].shape)
+        if "ref_chosen_logps" in features[0]:  # reference log-probs computed before training (DPO)
+            batch["ref_logps"] = torch.tensor([f[f"ref_{side}_logps"] for side in sides for f in features])
         return batch
+
+
+def sequence_ids(lengths: list[int], last: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """[rows, width]: the index of the sequence each position holds (its flat last-token index known), -1 elsewhere."""
+    ids = torch.full((shape[0] * shape[1],), -1, dtype=torch.long)
+    for index, (length, end) in enumerate(zip(lengths, last.tolist())):
+        ids[end - length + 1 : end + 1] = index
+    return ids.view(shape)
 
 
 def packed_last_tokens(lengths: list[int], row_tokens: int | None, position_ids: torch.Tensor) -> torch.Tensor:

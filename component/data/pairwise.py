@@ -1,4 +1,4 @@
-"""Pairwise data (reward model; DPO next): preference files -> tokenized (chosen, rejected) pairs.
+"""Pairwise data (reward model, DPO): preference files -> tokenized (chosen, rejected) pairs.
 
 Each side is the conversation rendered by the SFT template, ending with the reply's EOS, so the reward
 model scores exactly the tokens a policy trained with the same template produces. A pair that is too long
@@ -12,11 +12,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from component.config.training import RewardArguments
+from component.config.training import FinetuneArguments, RewardArguments
 from component.data.conversation import Conversation, PreferencePair, Turn
 from component.data.pipeline import PreparedData, build_splits, cache_settings, prepare_cached
 from component.data.readers import SourceReport, read_preference_file
-from component.data.template import Template
+from component.data.supervised import show_trained_spans
+from component.data.template import IGNORE_INDEX, Template
 
 # Bump when the pair encoding below changes the cached tokens.
 RM_CACHE_VERSION = "1"
@@ -33,10 +34,20 @@ def read_preference_rows(spec: dict, args: RewardArguments) -> tuple[list[dict],
 
 @dataclass
 class EncodedReplies:
-    """Token ids of one prompt followed by each reply (prompt cut alike for all), and whether it was cut."""
+    """Token ids of one prompt followed by each reply (prompt cut alike for all), and whether it was cut.
+
+    `reply_lengths[i]`: the last tokens of `sequences[i]` that are reply i and the token that ends it (its labels).
+    """
 
     sequences: list[list[int]]
     truncated: bool
+    reply_lengths: list[int]
+
+    def labels(self, index: int) -> list[int]:
+        """Labels of sequence `index`: -100 on the prompt, the token ids on the reply and its end token."""
+        sequence = self.sequences[index]
+        prompt = len(sequence) - self.reply_lengths[index]
+        return [IGNORE_INDEX] * prompt + sequence[prompt:]
 
 
 def _prompt_and_reply(turns: list[tuple[list[int], list[int]]]) -> tuple[list[int], list[int]]:
@@ -59,11 +70,12 @@ def encode_replies(
         return [_prompt_and_reply(turns) for turns in sides]
 
     sides = render(history)
+    reply_lengths = [len(r) for _, r in sides]
     if max_seq_length is None:
-        return EncodedReplies([p + r for p, r in sides], False)
+        return EncodedReplies([p + r for p, r in sides], False, reply_lengths)
     longest = max(len(p) + len(r) for p, r in sides)
     if longest <= max_seq_length:
-        return EncodedReplies([p + r for p, r in sides], False)
+        return EncodedReplies([p + r for p, r in sides], False, reply_lengths)
 
     # Whole turns first: estimate how many oldest turns to drop from the full rendering, then re-render
     # (the first kept turn gains BOS / system), dropping one more while it still does not fit.
@@ -75,7 +87,7 @@ def encode_replies(
     while True:
         sides = render(history[drop:])
         if max(len(p) + len(r) for p, r in sides) <= max_seq_length:
-            return EncodedReplies([p + r for p, r in sides], True)
+            return EncodedReplies([p + r for p, r in sides], True, reply_lengths)
         if drop >= len(history):
             break
         drop += 1
@@ -91,7 +103,7 @@ def encode_replies(
     for prompt_ids, reply_ids in sides:
         body = prompt_ids[int(keep_bos) :]
         sequences.append(bos * keep_bos + body[max(len(body) - room, 0) :] + reply_ids)
-    return EncodedReplies(sequences, True)
+    return EncodedReplies(sequences, True, reply_lengths)
 
 
 def encode_pair(template: Template, pair: PreferencePair, max_seq_length: int | None) -> EncodedReplies | None:
@@ -100,39 +112,59 @@ def encode_pair(template: Template, pair: PreferencePair, max_seq_length: int | 
     )
 
 
-def rm_tokenize_function(template: Template, max_seq_length: int) -> Callable:
-    """Batched `datasets.map` function: pair rows -> chosen_input_ids, rejected_input_ids, length, truncated.
+def pair_tokenize_function(template: Template, max_seq_length: int, with_labels: bool = False) -> Callable:
+    """Batched `datasets.map` function: pair rows -> chosen_input_ids, rejected_input_ids, length, truncated
+    (+ chosen_labels, rejected_labels: -100 on the prompt, for DPO).
 
     `length` is chosen + rejected tokens: what a pair puts through the model, so group_by_length groups
     pairs of similar cost and the report's token totals are what training processes. 0 = dropped.
     """
+    sides = ("chosen", "rejected")
 
     def tokenize(batch: dict[str, list]) -> dict[str, list]:
-        out: dict[str, list] = {"chosen_input_ids": [], "rejected_input_ids": [], "length": [], "truncated": []}
+        columns = [f"{side}_input_ids" for side in sides] + ["length", "truncated"]
+        columns += [f"{side}_labels" for side in sides] if with_labels else []
+        out: dict[str, list] = {column: [] for column in columns}
         for row in zip(*(batch[key] for key in ("system", "history", "prompt", "chosen", "rejected"))):
             pair = PreferencePair.from_dict(dict(zip(("system", "history", "prompt", "chosen", "rejected"), row)))
             encoded = encode_pair(template, pair, max_seq_length)
-            chosen, rejected = encoded.sequences if encoded else ([], [])
-            out["chosen_input_ids"].append(chosen)
-            out["rejected_input_ids"].append(rejected)
-            out["length"].append(len(chosen) + len(rejected))
+            for index, side in enumerate(sides):
+                out[f"{side}_input_ids"].append(encoded.sequences[index] if encoded else [])
+                if with_labels:
+                    out[f"{side}_labels"].append(encoded.labels(index) if encoded else [])
+            out["length"].append(sum(len(s) for s in encoded.sequences) if encoded else 0)
             out["truncated"].append(bool(encoded and encoded.truncated))
         return out
 
     return tokenize
 
 
-RM_CACHE_KEYS = ("max_seq_length", "skip_bad_records", "data_format", "max_samples", "test_size")
+PAIR_CACHE_KEYS = ("max_seq_length", "skip_bad_records", "data_format", "max_samples", "test_size")
 
 
-def prepare_reward_data(args: RewardArguments, template: Template, training_args) -> PreparedData:
-    """Read, tokenize and cache preference pairs; the report has the same shape as SFT's."""
-    settings = cache_settings("rm", args, template, training_args, RM_CACHE_KEYS, rm_version=RM_CACHE_VERSION)
-    tokenize = rm_tokenize_function(template, args.max_seq_length)
+def prepare_pair_data(args: FinetuneArguments, template: Template, training_args, with_labels: bool) -> PreparedData:
+    """Read, tokenize and cache preference pairs (reward model: ids only; DPO: ids and labels)."""
+    kind = "dpo" if with_labels else "rm"
+    settings = cache_settings(kind, args, template, training_args, PAIR_CACHE_KEYS, rm_version=RM_CACHE_VERSION)
+    tokenize = pair_tokenize_function(template, args.max_seq_length, with_labels)
     return prepare_cached(
         settings,
         args,
         training_args,
         build=lambda: build_splits(args, settings["seed"], read_preference_rows, tokenize, TOO_LONG),
-        label_columns=(),
+        label_columns=("chosen_labels", "rejected_labels") if with_labels else (),
     )
+
+
+def prepare_reward_data(args: RewardArguments, template: Template, training_args) -> PreparedData:
+    """The reward model's pairs: token ids of both sides, no labels."""
+    return prepare_pair_data(args, template, training_args, with_labels=False)
+
+
+def show_pair(tokenizer, pair: dict) -> str:
+    """A tokenized DPO pair decoded for a human, the trained spans of each side between [[ and ]]."""
+    sides = [
+        f"--- {side} ---\n" + show_trained_spans(tokenizer, pair[f"{side}_input_ids"], pair[f"{side}_labels"])
+        for side in ("chosen", "rejected")
+    ]
+    return "Example pair (trained spans in [[ ]]):\n" + "\n".join(sides)

@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from datasets import Dataset, load_from_disk
 
+from component.config.errors import InputError
 from component.config.training import FinetuneArguments
 from component.data.readers import SourceReport
 from component.data.template import IGNORE_INDEX, Template
@@ -34,6 +35,22 @@ logger = logging.getLogger(__name__)
 # Bump when tokenization code changes in a way that changes cached tokens.
 CACHE_VERSION = "1"
 PREVIEW_EXAMPLES = 20
+
+
+class NoDataError(InputError):
+    """Every example was dropped; the data report (written first) says why."""
+
+
+def skip_summary(reports: list[SourceReport]) -> str:
+    """'kept 0 of 12 (skipped: empty_reply=10, truncated_to_nothing=2)' over all sources."""
+    read = sum(r.read for r in reports)
+    kept = sum(r.kept for r in reports)
+    skipped: dict[str, int] = {}
+    for report in reports:
+        for reason, count in report.skipped.items():
+            skipped[reason] = skipped.get(reason, 0) + count
+    reasons = ", ".join(f"{k}={v}" for k, v in sorted(skipped.items(), key=lambda kv: -kv[1]))
+    return f"kept {kept} of {read} records" + (f" (skipped: {reasons})" if reasons else "")
 
 
 @dataclass
@@ -211,8 +228,10 @@ def build_splits(args: FinetuneArguments, seed: int, reader: Callable, tokenize:
         train_split = RawSplit(train_split.rows[held_out:], train_split.sources[held_out:])
         eval_reports = train_reports  # held-out rows still belong to their source file
     if not train_split.rows:
-        raise ValueError("no training examples left after reading: see the skip counts in the data report")
+        raise _no_data("after reading", train_reports, eval_reports)
     train = tokenize_split(train_split, train_reports, tokenize, args.num_proc, empty_reason, "Tokenizing train")
+    if len(train) == 0:
+        raise _no_data("after tokenizing", train_reports, [] if eval_reports is train_reports else eval_reports)
     eval_dataset = None
     if eval_split.rows:
         eval_dataset = tokenize_split(
@@ -221,6 +240,17 @@ def build_splits(args: FinetuneArguments, seed: int, reader: Callable, tokenize:
     if eval_reports is train_reports:
         eval_reports = []
     return train, eval_dataset, train_reports, eval_reports
+
+
+def _no_data(stage: str, train_reports: list[SourceReport], eval_reports: list[SourceReport]) -> NoDataError:
+    error = NoDataError(f"no training examples left {stage}: {skip_summary(train_reports)}")
+    error.report = {
+        "sources": [r.to_dict() for r in train_reports],
+        "eval_sources": [r.to_dict() for r in eval_reports],
+        "examples": 0,
+        "eval_examples": 0,
+    }
+    return error
 
 
 def cache_settings(
@@ -257,7 +287,15 @@ def prepare_cached(
             eval_dataset = load_from_disk(str(cache_path / "eval")) if (cache_path / "eval").is_dir() else None
             report = json.loads(done.read_text(encoding="utf-8"))
             return PreparedData(train, eval_dataset, report, cache_path, from_cache=True)
-        train, eval_dataset, train_reports, eval_reports = build()
+        try:
+            train, eval_dataset, train_reports, eval_reports = build()
+        except NoDataError as error:  # the report first, so the message can point at its skip counts
+            if training_args.process_index == 0:
+                out = Path(training_args.output_dir)
+                out.mkdir(parents=True, exist_ok=True)
+                text = json.dumps(error.report, indent=2, ensure_ascii=False) + "\n"
+                (out / "data_report.json").write_text(text, encoding="utf-8")
+            raise NoDataError(f"{error}; see {training_args.output_dir}/data_report.json") from None
         report = build_report(train, eval_dataset, train_reports, eval_reports, label_columns)
         if training_args.process_index == 0 or not cache_path.exists():
             tmp = cache_path.with_name(cache_path.name + f".tmp{os.getpid()}")

@@ -13,7 +13,14 @@ import torch
 
 from component.config.choices import MERGE_DTYPES
 from component.config.parser import ConfigError, closest
-from component.model.loader import adapter_base, load_pretrained, load_tokenizer, read_adapter_config, tokenizer_folder
+from component.model.loader import (
+    adapter_base,
+    load_adapter,
+    load_pretrained,
+    load_tokenizer,
+    read_adapter_config,
+    tokenizer_folder,
+)
 
 TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -27,7 +34,6 @@ def merge_adapter(
     trust_remote_code: bool = False,
 ) -> Path:
     """Merge `adapter` into its base (default: the adapter's own base) and save to `output_dir`."""
-    from peft import PeftModel
 
     if quantization:
         raise ConfigError(
@@ -59,7 +65,7 @@ def merge_adapter(
         trust_remote_code=trust_remote_code,
         **extra,
     )
-    merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    merged = load_adapter(model, adapter, "seq_cls" if reward else "causal_lm").merge_and_unload()  # wrong base: 1 line
     output = Path(output_dir)
     merged.save_pretrained(output)
     tokenizer.save_pretrained(output)

@@ -8,10 +8,11 @@ report.html / report.md / answers.jsonl / summary.json.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from component.config.generation import GenerationSettings
 from component.config.inference import DEFAULT_QUESTIONS, CompareOptions
 from component.config.parser import ConfigError
 from component.data.conversation import Conversation, Turn
-from component.data.readers import DataFormatError, read_sft_file
+from component.data.readers import DataFormatError, read_sft_file, utf8_error_position
 from component.data.template import Template
 from component.inference.engine import context_length, generate_answers, load_for_generation
 from component.inference.report import CompareResult, write_reports
@@ -45,12 +46,20 @@ def read_questions(path: str, with_references: bool = False, system: str | None 
     if Path(path).suffix == ".txt":
         if with_references:
             raise ConfigError(f"'references' {path!r}: a .txt file has no answers; use JSONL (e.g. Firefly layout)")
-        lines = Path(path).read_text(encoding="utf-8-sig").splitlines()
-        return [Question(line.strip(), system=system) for line in lines if line.strip()]
+        try:
+            lines = Path(path).read_text(encoding="utf-8-sig").splitlines()
+        except UnicodeDecodeError as error:
+            raise DataFormatError(f"{utf8_error_position(path)}: not valid UTF-8 ({error.reason})") from None
+        questions = [Question(line.strip(), system=system) for line in lines if line.strip()]
+        if not questions:
+            raise DataFormatError(f"{path}: no questions (one a line)")
+        return questions
     try:
         conversations, _ = read_sft_file(path)
     except DataFormatError as error:
         raise ConfigError(str(error)) from None
+    if not conversations:
+        raise DataFormatError(f"{path}: no usable questions (see the skip warnings above)")
     questions = []
     for conversation in conversations:
         *history, last = conversation.turns
@@ -72,12 +81,14 @@ def compare_models(
     batch_size: int = 8,
     context: int | None = None,
 ) -> list[dict[str, Any]]:
-    """One row per (preset, model, question). With a PeftModel, "base" is the same weights, adapter off."""
+    """One row per (preset, model, question). With a PeftModel, "base" is the same weights with the adapters off,
+    then each adapter by name, switched on in turn."""
     from peft import PeftModel
 
     variants: list[tuple[str, Callable[[], Any]]] = [("base", contextlib.nullcontext)]
     if isinstance(model, PeftModel):
-        variants = [("base", model.disable_adapter), ("sft", contextlib.nullcontext)]
+        variants = [("base", model.disable_adapter)]
+        variants += [(name, functools.partial(active_adapter, model, name)) for name in model.peft_config]
     prompts = [template.encode_prompt(q.history, q.query, q.system) for q in questions]
     rows = []
     for settings in settings_list:
@@ -95,6 +106,31 @@ def compare_models(
     return rows
 
 
+@contextlib.contextmanager
+def active_adapter(model, name: str) -> Iterator[None]:
+    """Generate with the adapter `name` (of several loaded on one base)."""
+    model.set_adapter(name)
+    yield
+
+
+def duel(rows: list[dict[str, Any]], others: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per question, does `rows`' model score higher than `others`'? A tie counts half in the win rate."""
+    pairs = [
+        (mine["reward"], theirs["reward"])
+        for mine, theirs in zip(rows, others)
+        if mine["reward"] is not None and theirs["reward"] is not None
+    ]
+    wins = sum(mine > theirs for mine, theirs in pairs)
+    ties = sum(mine == theirs for mine, theirs in pairs)
+    return {
+        "wins": wins,
+        "ties": ties,
+        "losses": len(pairs) - wins - ties,
+        "unscored": len(rows) - len(pairs),
+        "win_rate": (wins + 0.5 * ties) / len(pairs) if pairs else None,
+    }
+
+
 def add_reward_scores(rows: list[dict[str, Any]], questions: list[Question], scorer: RewardScorer) -> None:
     conversations = [questions[row["index"]].conversation(row["answer"]) for row in rows]
     for row, score in zip(rows, scorer(conversations)):
@@ -102,7 +138,7 @@ def add_reward_scores(rows: list[dict[str, Any]], questions: list[Question], sco
 
 
 def summarize(rows: list[dict[str, Any]], settings_list: list[GenerationSettings]) -> dict[str, Any]:
-    """Per preset and model: answers, exact match, mean reward; per preset: SFT's win rate over base by reward."""
+    """Per preset and model: answers, exact match, mean reward; per preset, `A_vs_B` win rates by reward."""
     summary: dict[str, Any] = {}
     for settings in settings_list:
         by_model: dict[str, list[dict]] = {}
@@ -118,21 +154,11 @@ def summarize(rows: list[dict[str, Any]], settings_list: list[GenerationSettings
             if "reward" in model_rows[0]:
                 stats["mean_reward"] = sum(scored) / len(scored) if scored else None
             entry["models"][label] = stats
-        if "sft" in by_model and "reward" in by_model["sft"][0]:
-            pairs = [
-                (base["reward"], sft["reward"])
-                for base, sft in zip(by_model["base"], by_model["sft"])
-                if base["reward"] is not None and sft["reward"] is not None
-            ]
-            wins = sum(sft > base for base, sft in pairs)
-            ties = sum(sft == base for base, sft in pairs)
-            entry["sft_vs_base"] = {
-                "wins": wins,
-                "ties": ties,
-                "losses": len(pairs) - wins - ties,
-                "unscored": len(by_model["sft"]) - len(pairs),
-                "win_rate": (wins + 0.5 * ties) / len(pairs) if pairs else None,  # a tie counts half
-            }
+        labels = list(by_model)
+        if "reward" in by_model[labels[0]][0]:  # each fine-tuned model vs the base, and vs the column before it
+            for previous, label in zip(labels, labels[1:]):
+                for other in dict.fromkeys(["base", previous]):
+                    entry[f"{label}_vs_{other}"] = duel(by_model[label], by_model[other])
         summary[settings.preset] = entry
     return summary
 
@@ -167,7 +193,7 @@ def run_compare(options: CompareOptions) -> tuple[CompareResult, dict[str, Path]
         rows=rows,
         summary=summarize(rows, settings_list),
         settings={s.preset: s.describe() for s in settings_list},
-        models={"base": options.model_name_or_path, **({"sft": options.adapter} if options.adapter else {})},
+        models={"base": options.model_name_or_path, **options.adapters()},
         meta={
             "questions_file": path,
             "questions": len(questions),

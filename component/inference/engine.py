@@ -26,7 +26,7 @@ def template_name_for(options: ModelOptions) -> str:
     """The template the weights were trained with (train_args.json next to them), unless one is named."""
     if options.template:
         return options.template
-    for folder in (options.adapter, options.model_name_or_path):
+    for folder in (*options.adapters().values(), options.model_name_or_path):
         name = read_train_args(folder).get("template")
         if name in TEMPLATES:
             return name
@@ -34,14 +34,15 @@ def template_name_for(options: ModelOptions) -> str:
 
 
 def load_for_generation(options: ModelOptions) -> tuple[Any, Any, Template]:
-    """Model (base with the adapter attached, if any), left-padding tokenizer and template."""
+    """Model (base with its adapters attached under their names, if any), left-padding tokenizer and template."""
+    adapters = options.adapters()
     # The adapter folder's tokenizer is the one training used; a merged folder carries its own.
-    path = tokenizer_folder(options.adapter, options.model_name_or_path)
+    path = tokenizer_folder(*adapters.values(), options.model_name_or_path)
     tokenizer = load_tokenizer(path, options.trust_remote_code, padding_side="left")
     template = get_template(template_name_for(options), tokenizer)
     model = load_for_inference(
         options.model_name_or_path,
-        adapter=options.adapter,
+        adapters=adapters,
         quantization=options.quantization,
         trust_remote_code=options.trust_remote_code,
     )

@@ -12,13 +12,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-MODEL_TITLES = {"base": "Base", "sft": "Fine-tuned (SFT)"}
+MODEL_TITLES = {"base": "Base", "sft": "Fine-tuned (SFT)", "dpo": "DPO", "rl": "RL"}
+
+
+def title(label: str) -> str:
+    return MODEL_TITLES.get(label, label)
+
+
+def duels(summary: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+    """(model, other, duel) for every `model_vs_other` entry of one preset's summary."""
+    return [(*key.split("_vs_", 1), value) for key, value in summary.items() if "_vs_" in key]
 
 
 @dataclass
 class CompareResult:
     rows: list[dict[str, Any]]
-    summary: dict[str, Any]  # per preset: {"models": {label: stats}, "sft_vs_base": {...}?}
+    summary: dict[str, Any]  # per preset: {"models": {label: stats}, "<label>_vs_<other>": {...}, ...}
     settings: dict[str, str]  # preset -> the settings it ran with, in words
     models: dict[str, str]  # label -> model or adapter path
     meta: dict[str, Any] = field(default_factory=dict)
@@ -74,22 +83,22 @@ def _stats_rows(result: CompareResult, preset: str) -> tuple[list[str], list[lis
     header += ["Mean reward"] if "mean_reward" in first else []
     rows = []
     for label, stats in models.items():
-        cells = [MODEL_TITLES.get(label, label), str(stats["answers"])]
+        cells = [title(label), str(stats["answers"])]
         cells += [_percent(stats["exact_match"])] if "exact_match" in stats else []
         cells += [_number(stats["mean_reward"])] if "mean_reward" in stats else []
         rows.append(cells)
     return header, rows
 
 
-def _win_line(result: CompareResult, preset: str) -> str | None:
-    duel = result.summary[preset].get("sft_vs_base")
-    if not duel:
-        return None
-    unscored = f", {duel['unscored']} not scored (too long for the reward model)" if duel["unscored"] else ""
-    return (
-        f"SFT vs base by reward: {duel['wins']} wins, {duel['ties']} ties, {duel['losses']} losses{unscored}; "
-        f"win rate {_percent(duel['win_rate'])} (ties count half)"
-    )
+def _win_lines(result: CompareResult, preset: str) -> list[str]:
+    lines = []
+    for label, other, duel in duels(result.summary[preset]):
+        unscored = f", {duel['unscored']} not scored (too long for the reward model)" if duel["unscored"] else ""
+        lines.append(
+            f"{title(label)} vs {title(other)} by reward: {duel['wins']} wins, {duel['ties']} ties, "
+            f"{duel['losses']} losses{unscored}; win rate {_percent(duel['win_rate'])} (ties count half)"
+        )
+    return lines
 
 
 def _answer_note(row: dict[str, Any]) -> str:
@@ -102,7 +111,7 @@ def _answer_note(row: dict[str, Any]) -> str:
 
 
 def _overview(result: CompareResult) -> list[tuple[str, str]]:
-    items = [(f"{MODEL_TITLES.get(label, label)} model", path) for label, path in result.models.items()]
+    items = [(f"{title(label)} model", path) for label, path in result.models.items()]
     items += [(key.replace("_", " ").capitalize(), str(value)) for key, value in result.meta.items()]
     return items
 
@@ -129,12 +138,12 @@ def render_markdown(result: CompareResult) -> str:
     for preset, described in result.settings.items():
         lines += ["", f"## Preset `{preset}`", "", f"Settings: `{described}`", ""]
         lines += _md_table(*_stats_rows(result, preset))
-        win = _win_line(result, preset)
-        lines += ["", win] if win else []
+        for win in _win_lines(result, preset):
+            lines += ["", win]
         table = result.table(preset)
         has_reference = any(entry["reference"] is not None for entry in table)
         header = ["#", "Question"] + (["Reference"] if has_reference else [])
-        header += [MODEL_TITLES.get(label, label) for label in labels]
+        header += [title(label) for label in labels]
         rows = []
         for number, entry in enumerate(table, 1):
             cells = [str(number), _md_cell(entry["question"])]
@@ -201,13 +210,11 @@ def render_html(result: CompareResult) -> str:
         parts.append(f"<p>Settings: <code>{_h(described)}</code></p>")
         header, stats = _stats_rows(result, preset)
         parts.append(_html_table(header, [[_h(c) for c in row] for row in stats], "stats"))
-        win = _win_line(result, preset)
-        if win:
-            parts.append(f"<p><strong>{_h(win)}</strong></p>")
+        parts += [f"<p><strong>{_h(win)}</strong></p>" for win in _win_lines(result, preset)]
         table = result.table(preset)
         has_reference = any(entry["reference"] is not None for entry in table)
         header = ["#", "Question"] + (["Reference"] if has_reference else [])
-        header += [MODEL_TITLES.get(label, label) for label in labels]
+        header += [title(label) for label in labels]
         rows = []
         for number, entry in enumerate(table, 1):
             cells = [str(number), f"<pre>{_h(entry['question'])}</pre>"]

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from component.config.errors import InputError
 from component.config.inference import ScoreOptions
 from component.data.collators import PaddingCollator
 from component.data.conversation import Conversation, Turn
@@ -23,15 +24,24 @@ from component.data.pairwise import encode_replies
 from component.data.template import Template, get_template
 from component.model.loader import (
     adapter_base,
+    check_local_model,
+    folder_kind,
     load_for_inference,
     load_tokenizer,
-    read_adapter_config,
     read_train_args,
     tokenizer_folder,
 )
 from component.model.reward_head import sequence_scores
 
 logger = logging.getLogger(__name__)
+
+FOLDER_KINDS = {
+    "reward_adapter": "a reward-model adapter",
+    "reward_model": "a full reward model",
+    "sft_adapter": "an SFT (causal-LM) adapter, not a reward model",
+    "causal_lm": "a causal-LM model folder (a base or merged model), not a reward model",
+    "none": "not a model folder (no adapter_config.json or config.json)",
+}
 
 RewardScorer = Callable[[list[Conversation]], list[float]]
 
@@ -41,11 +51,16 @@ def load_reward_model(path: str, base_model: str | None = None, quantization: st
 
     The base model and template come from the train_args.json saved there unless `base_model` is given.
     """
+    kind = folder_kind(path)
+    if kind not in ("reward_adapter", "reward_model"):
+        raise InputError(f"'reward_model' {path!r} is {FOLDER_KINDS[kind]}; expected a train_rm.py output_dir")
     saved = read_train_args(path)
     trust_remote_code = bool(saved.get("trust_remote_code", False))
-    adapter = read_adapter_config(path) is not None
+    adapter = kind == "reward_adapter"
     if adapter and base_model is None:
         base_model = adapter_base(path)
+    if adapter:
+        check_local_model(base_model, f"the base model of reward adapter {path!r} (set --reward_base_model)")
     tokenizer = load_tokenizer(tokenizer_folder(path, base_model), trust_remote_code)
     model = load_for_inference(
         base_model if adapter else path,
@@ -121,20 +136,73 @@ def score_conversations(
     return scores
 
 
+def _text(row: dict, key: str, required: bool = True) -> str | None:
+    value = row.get(key)
+    if value is None and not required:
+        return None
+    if value is None:
+        raise ValueError(f"missing '{key}'")
+    if type(value) is not str:
+        raise ValueError(f"'{key}' must be a string, got {type(value).__name__}")
+    return value
+
+
 def conversation_from_row(row: dict) -> Conversation:
-    """{prompt, response, history?, system?}; history as [{user, assistant}] or [[user, assistant]]."""
-    history = [
-        Turn(h["user"], h["assistant"]) if isinstance(h, dict) else Turn(str(h[0]), str(h[1]))
-        for h in row.get("history") or []
-    ]
-    return Conversation([*history, Turn(row["prompt"], row["response"])], system=row.get("system") or None)
+    """{prompt, response, history?, system?}; history as [{user, assistant}] or [[user, assistant]].
+
+    ValueError names the field that is missing or of the wrong type.
+    """
+    history = row.get("history") or []
+    if type(history) is not list:
+        raise ValueError(f"'history' must be a list of [user, assistant] pairs, got {type(history).__name__}")
+    turns = []
+    for i, h in enumerate(history):
+        if type(h) is dict:
+            pair = (h.get("user"), h.get("assistant"))
+        elif type(h) in (list, tuple) and len(h) == 2:
+            pair = tuple(h)
+        else:
+            pair = (None, None)
+        if not all(type(x) is str for x in pair):
+            raise ValueError(f"'history' item {i} must be [user, assistant] or {{user, assistant}} strings, got {h!r}")
+        turns.append(Turn(*pair))
+    system = _text(row, "system", required=False)
+    return Conversation([*turns, Turn(_text(row, "prompt"), _text(row, "response"))], system=system or None)
+
+
+def read_score_rows(path: str) -> tuple[list[dict], list[Conversation]]:
+    """The rows of a JSONL file and their conversations; any bad line is an InputError naming file:line."""
+    rows, conversations = [], []
+    with open(path, "rb") as handle:
+        for n, raw in enumerate(handle, 1):
+            try:
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
+            except UnicodeDecodeError as error:
+                column = len(raw[: error.start].decode("utf-8", "replace")) + 1
+                raise InputError(f"{path}:{n}:{column}: not valid UTF-8") from None
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise InputError(f"{path}:{n}:{error.colno}: not valid JSON: {error.msg}") from None
+            if type(row) is not dict:
+                raise InputError(
+                    f"{path}:{n}: expected a JSON object {{prompt, response, ...}}, got {type(row).__name__}"
+                )
+            try:
+                conversations.append(conversation_from_row(row))
+            except ValueError as error:
+                raise InputError(f"{path}:{n}: {error}") from None
+            rows.append(row)
+    if not rows:
+        raise InputError(f"{path}: no rows to score")
+    return rows, conversations
 
 
 def score_file(options: ScoreOptions) -> int:
     """Score every row of a JSONL file; write each row with a `score` added. Returns the row count."""
-    rows = [
-        json.loads(line) for line in Path(options.input).read_text(encoding="utf-8-sig").splitlines() if line.strip()
-    ]
+    rows, conversations = read_score_rows(options.input)  # all of it checked before any weights load
     scorer = load_reward_scorer(
         options.reward_model,
         options.reward_base_model,
@@ -142,7 +210,7 @@ def score_file(options: ScoreOptions) -> int:
         options.batch_size,
         options.max_seq_length,
     )
-    scores = scorer([conversation_from_row(r) for r in rows])
+    scores = scorer(conversations)
     Path(options.output).parent.mkdir(parents=True, exist_ok=True)
     with open(options.output, "w", encoding="utf-8") as handle:
         for row, value in zip(rows, scores):

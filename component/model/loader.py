@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from transformers import (
     PreTrainedModel,
 )
 
-from component.config.parser import ConfigError
+from component.config.parser import ConfigError, closest
 from component.config.training import FinetuneArguments
 from component.model.baichuan import is_baichuan_config, load_baichuan_tokenizer
 
@@ -93,6 +94,34 @@ def read_adapter_config(folder: str | Path | None) -> dict[str, Any] | None:
     """A PEFT adapter folder's adapter_config.json, or None when the folder holds no adapter."""
     file = Path(folder or "") / "adapter_config.json"
     return json.loads(file.read_text(encoding="utf-8")) if folder and file.is_file() else None
+
+
+def folder_kind(folder: str | Path) -> str:
+    """What an output or model folder holds: reward_adapter, sft_adapter, reward_model, causal_lm or none."""
+    adapter = read_adapter_config(folder)
+    if adapter is not None:
+        return "reward_adapter" if adapter.get("task_type") == "SEQ_CLS" else "sft_adapter"
+    config = Path(folder) / "config.json"
+    if not config.is_file():
+        return "none"
+    try:
+        architectures = json.loads(config.read_text(encoding="utf-8")).get("architectures") or []
+    except ValueError:
+        return "none"
+    return "reward_model" if any(a.endswith("ForSequenceClassification") for a in architectures) else "causal_lm"
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def check_local_model(path: str | None, what: str) -> None:
+    """A model that is not on disk is an error at once, unless it is clearly a hub id (org/name)."""
+    if not path:
+        raise ConfigError(f"{what} is not known")
+    if Path(path).is_dir():
+        return
+    if Path(path).is_absolute() or path.startswith((".", "~")) or not _HUB_ID.match(path):
+        raise ConfigError(f"{what} {path!r} is not a folder on this machine")
 
 
 def adapter_base(folder: str | Path) -> str | None:
@@ -171,6 +200,8 @@ def load_model(
         return model
     if gradient_checkpointing:
         model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need a grad path
+    if args.adapter_name_or_path:
+        return load_adapter(model, args.adapter_name_or_path, task, trainable=True)
     return attach_lora(model, args, task, modules_to_save)
 
 
@@ -178,6 +209,7 @@ def attach_lora(model: PreTrainedModel, args: FinetuneArguments, task: str, modu
     """New LoRA weights on every linear layer but the output head (or `lora_target_modules`)."""
     from peft import LoraConfig, get_peft_model
 
+    check_target_modules(model, args.lora_target_modules)
     config = LoraConfig(
         r=args.lora_rank,
         lora_alpha=args.lora_alpha,
@@ -193,8 +225,45 @@ def attach_lora(model: PreTrainedModel, args: FinetuneArguments, task: str, modu
     return model
 
 
-def load_adapter(model: PreTrainedModel, adapter: str, task: str = "causal_lm"):
-    """A trained adapter on `model`; an adapter of another task (an RM adapter given for chat) is refused."""
+def check_target_modules(model: PreTrainedModel, targets: list[str] | None) -> None:
+    """Every `lora_target_modules` name must match a module of this model (right after loading, before training)."""
+    if not targets:
+        return
+    names = {name for name, _ in model.named_modules() if name}
+    leaves = {name.rsplit(".", 1)[-1] for name in names}
+    unknown = [t for t in targets if t not in leaves and t not in names and not any(n.endswith("." + t) for n in names)]
+    if unknown:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        hint = closest(unknown[0], sorted(leaves))
+        raise ConfigError(
+            f"'lora_target_modules': {unknown} not found in {type(model).__name__}.{hint} "
+            f"Its linear layers: {', '.join(linear)}"
+        )
+
+
+def _mismatch_error(adapter: str, error: Exception) -> ConfigError | None:
+    """Peft's dozens of size-mismatch lines -> one line naming the adapter's base and the first mismatch."""
+    text = str(error)
+    if "size mismatch" not in text:
+        return None
+    shapes = re.findall(
+        r"size mismatch for ([\w.]+): copying a param with shape (torch.Size\(\[[^\]]*\]\)) from "
+        r"checkpoint, the shape in current model is (torch.Size\(\[[^\]]*\]\))",
+        text,
+    )
+    base = (read_adapter_config(adapter) or {}).get("base_model_name_or_path")
+    first = f"; e.g. {shapes[0][0]}: adapter {shapes[0][1]} vs model {shapes[0][2]}" if shapes else ""
+    return ConfigError(
+        f"adapter {adapter!r} was trained on base {base!r} and does not fit this model: "
+        f"{len(shapes) or 'some'} weights differ in shape{first}"
+    )
+
+
+def load_adapter(
+    model: PreTrainedModel, adapter: str, task: str = "causal_lm", trainable: bool = False, name: str = "default"
+):
+    """A trained adapter on `model` (a second one on a PeftModel is added under `name`); an adapter of another
+    task (an RM adapter given for chat) is refused."""
     from peft import PeftModel
 
     saved = (read_adapter_config(adapter) or {}).get("task_type")
@@ -203,7 +272,20 @@ def load_adapter(model: PreTrainedModel, adapter: str, task: str = "causal_lm"):
         kind = "reward-model" if saved == "SEQ_CLS" else "causal-LM"
         hint = "pass it as --reward_model" if saved == "SEQ_CLS" else "pass it as --adapter"
         raise ConfigError(f"'adapter' {adapter!r} is a {kind} adapter (task_type {saved}); {hint}")
-    return PeftModel.from_pretrained(model, adapter)
+    try:
+        if isinstance(model, PeftModel):
+            model.load_adapter(adapter, adapter_name=name, is_trainable=trainable)
+            return model
+        model = PeftModel.from_pretrained(model, adapter, adapter_name=name, is_trainable=trainable)
+    except RuntimeError as error:
+        mismatch = _mismatch_error(adapter, error)
+        if mismatch is None:
+            raise
+        raise mismatch from None
+    if trainable:
+        trained, total = model.get_nb_trainable_parameters()
+        logger.info("Continuing adapter %s: %d trainable of %d parameters", adapter, trained, total)
+    return model
 
 
 def load_for_inference(
@@ -211,15 +293,16 @@ def load_for_inference(
     task: str = "causal_lm",
     *,
     adapter: str | None = None,
+    adapters: dict[str, str] | None = None,
     quantization: str | None = None,
     trust_remote_code: bool = False,
     **config_kwargs: Any,
 ) -> PreTrainedModel:
-    """Weights (plus an adapter) in eval mode on this process's device, in the compute dtype."""
+    """Weights (plus an adapter, or several by name) in eval mode on this process's device, in the compute dtype."""
     model = load_pretrained(path, task, quantization=quantization, trust_remote_code=trust_remote_code, **config_kwargs)
     if quantization is None:
         model.to(inference_device())
-    if adapter:
-        model = load_adapter(model, adapter, task)
+    for name, path in ({"default": adapter} if adapter else adapters or {}).items():
+        model = load_adapter(model, path, task, name=name)
     model.eval()
     return model

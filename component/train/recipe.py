@@ -9,10 +9,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 from transformers import TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
 
 from component.config.training import FinetuneArguments, save_resolved
-from component.data.pipeline import PreparedData, write_data_report
+from component.data.pipeline import NoDataError, PreparedData, write_data_report
+from component.train.checkpoints import (
+    COMPLETE_MARKER,
+    CheckpointError,
+    UnusableCheckpoint,
+    checkpoint_problem,
+    find_resumable,
+    is_disk_full,
+)
+from component.train.guards import OutputDirLock, check_finite_weights
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +35,16 @@ def setup_logging(training_args: TrainingArguments) -> None:
     import transformers
 
     transformers.utils.logging.set_verbosity(level)
+    # peft reads the base config at every adapter save, and transformers logs it whole each time at INFO
+    transformers.utils.logging.get_logger("transformers.configuration_utils").setLevel(logging.WARNING)
     datasets.utils.logging.set_verbosity(logging.WARNING)
+
+
+def lock_output_dir(training_args: TrainingArguments) -> OutputDirLock | None:
+    """One run per output_dir (rank 0 holds the lock); a second run refuses before writing anything there."""
+    if training_args.process_index != 0:
+        return None
+    return OutputDirLock(training_args.output_dir).acquire()
 
 
 def record_data(
@@ -47,7 +64,7 @@ def record_data(
         save_resolved(args, training_args, output_dir)
         write_data_report(data, output_dir, preview_columns)
     if len(data.train) == 0:
-        raise ValueError(f"no training {unit} left: see the skip counts in {output_dir}/data_report.json")
+        raise NoDataError(f"no training {unit} left: see the skip counts in {output_dir}/data_report.json")
     if training_args.process_index == 0:
         logger.info("%s", show_example(data.train[0]))
         logger.info(
@@ -60,16 +77,38 @@ def record_data(
 
 
 def resolve_resume(training_args: TrainingArguments) -> str | None:
-    """`resume_from_checkpoint: true` means the latest checkpoint in output_dir."""
+    """`resume_from_checkpoint: true` means the newest complete, loadable checkpoint in output_dir.
+
+    Newer incomplete or damaged ones are skipped with the reason (naming the bad file); a path given explicitly
+    must itself be complete.
+    """
     value = training_args.resume_from_checkpoint
+    if value is None:
+        return None
     if value != "true":
+        chosen, skipped = find_resumable_path(value)
+        if chosen is None:
+            raise UnusableCheckpoint(f"cannot resume from {value}: {skipped}; use true for the newest usable one")
         return value
-    last = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
+    output_dir = training_args.output_dir
+    last, skipped = find_resumable(output_dir) if os.path.isdir(output_dir) else (None, [])
+    for folder, reason in skipped:
+        logger.warning("resume: skipping %s: %s", folder.name, reason)
     if last is None:
-        logger.warning(
-            "resume_from_checkpoint: no checkpoint in %s yet, starting from scratch", training_args.output_dir
-        )
-    return last
+        if skipped:
+            logger.warning("resume: no complete checkpoint in %s, starting from scratch", output_dir)
+        else:
+            logger.warning("resume_from_checkpoint: no checkpoint in %s yet, starting from scratch", output_dir)
+        return None
+    logger.info("resume: from %s%s", last, f" (skipped {len(skipped)} newer)" if skipped else "")
+    return str(last)
+
+
+def find_resumable_path(folder: str) -> tuple[str | None, str]:
+    """An explicit checkpoint path: itself if complete, else (None, why)."""
+    marked = (Path(folder) / COMPLETE_MARKER).is_file()
+    problem = checkpoint_problem(folder, require_marker=marked)
+    return (None, problem) if problem else (folder, "")
 
 
 def plot_loss(log_history: list[dict], output_dir: str, keys: tuple[str, ...] = ("loss", "eval_loss")) -> Path | None:
@@ -97,9 +136,37 @@ def plot_loss(log_history: list[dict], output_dir: str, keys: tuple[str, ...] = 
     return path
 
 
-def finish_training(trainer, train_result, plot_keys: tuple[str, ...] = ("loss", "eval_loss")) -> None:
-    """Save weights (adapter or full), tokenizer, metrics, trainer state and the loss plot; rank 0 writes."""
-    trainer.save_model()
+def finish_training(
+    trainer, train_result, plot_keys: tuple[str, ...] = ("loss", "eval_loss"), lock: OutputDirLock | None = None
+) -> None:
+    """Save weights (adapter or full), tokenizer, metrics, trainer state and the loss plot; rank 0 writes.
+
+    A run stopped by a signal raises TrainingInterrupted instead (its checkpoint is saved), and NaN weights are
+    never saved as the final output. The output_dir lock is released either way.
+    """
+    try:
+        _finish(trainer, train_result, plot_keys)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _finish(trainer, train_result, plot_keys: tuple[str, ...]) -> None:
+    guard = getattr(trainer, "signal_guard", None)
+    if guard is not None:
+        guard.raise_if_stopped(trainer.args.output_dir)
+    check_finite_weights(trainer.model)
+    try:
+        trainer.save_model()
+    except Exception as error:
+        if not is_disk_full(error):
+            raise
+        last, _ = find_resumable(trainer.args.output_dir)
+        kept = f"the last checkpoint {last} is intact" if last else "there is no checkpoint"
+        raise CheckpointError(
+            f"disk full while saving the final model to {trainer.args.output_dir}; {kept}. Free space, then rerun "
+            "with --resume_from_checkpoint true"
+        ) from error
     metrics = train_result.metrics
     trainer.log_metrics("train", metrics)
     trainer.save_metrics("train", metrics)

@@ -13,6 +13,7 @@ from torch import nn
 from transformers import EvalPrediction, Trainer
 
 from component.model.reward_head import sequence_scores
+from component.train.guards import ReliableTrainerMixin
 
 
 def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: float = 0.0) -> torch.Tensor:
@@ -38,11 +39,12 @@ def compute_metrics(prediction: EvalPrediction) -> dict[str, float]:
     return pairwise_metrics(scores[:, 0], scores[:, 1])
 
 
-class RewardTrainer(Trainer):
+class RewardTrainer(ReliableTrainerMixin, Trainer):
     """transformers.Trainer with the pairwise loss; batches come from `reward_data.PairCollator`.
 
     The loss is a mean over the pairs of a micro-batch, so the Trainer divides it by the accumulation
     steps (`loss_is_scaled_for_ga = False`). Evaluation returns (pairs, 2) scores for `compute_metrics`.
+    Atomic checkpoints, signal and non-finite guards: `train.guards.ReliableTrainerMixin`.
     """
 
     loss_is_scaled_for_ga = False

@@ -26,7 +26,7 @@ def test_json_file_then_cli_overrides(tmp_path, base):
     assert args.lora_rank == 16 and training_args.num_train_epochs == 2 and training_args.learning_rate == 1e-4
     assert training_args.bf16 is False
     assert training_args.report_to == ["tensorboard"]  # our default, a config can change it
-    assert training_args.gradient_checkpointing_kwargs == {"use_reentrant": False}
+    assert training_args.activation_checkpointing_kwargs == {"use_reentrant": False}
 
 
 def test_unknown_key_names_the_closest_valid_key(base):

@@ -437,3 +437,44 @@ def test_real_reward_model_scores_answers(tiny, tmp_path):
 def test_chat_options_take_one_preset(tiny):
     options = parse_options(ChatOptions, ["--model_name_or_path", tiny["base"], "--preset", "greedy,top_p"])
     assert len(options.settings()) == 2  # generate.py chat refuses this with a clear message
+
+
+def test_compare_runs_several_adapters_on_one_base(tiny, tmp_path, monkeypatch):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    import component.inference.compare as compare
+
+    torch.manual_seed(5)  # a second adapter, different from the first
+    second = tmp_path / "second"
+    config = LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny["base"]), config).save_pretrained(second)
+    monkeypatch.setattr(
+        compare, "load_reward_scorer", lambda *a, **k: lambda convs: [len(c.turns[-1].assistant) for c in convs]
+    )
+    argv = ["--model_name_or_path", tiny["base"], "--adapter", f"sft={tiny['adapter']}", "--adapter", f"dpo={second}"]
+    options = parse_options(CompareOptions, argv)
+    options.questions, options.preset, options.max_new_tokens = _compare_options(tiny, tmp_path).questions, "greedy", 6
+    options.reward_model, options.output_dir = tiny["root"], str(tmp_path / "report")
+    result, paths = run_compare(options)
+    assert list(result.models) == ["base", "sft", "dpo"]
+    summary = result.summary["greedy"]
+    assert set(summary["models"]) == {"base", "sft", "dpo"}
+    assert {"sft_vs_base", "dpo_vs_base", "dpo_vs_sft"} <= set(summary)
+    answers = {m: [r["answer"] for r in result.rows if r["model"] == m] for m in ("base", "sft", "dpo")}
+    # each column is its own adapter: the same answers as a compare with that adapter alone
+    alone = _compare_options(tiny, tmp_path, adapter=str(second), preset="greedy", reward_model=None)
+    alone.output_dir = str(tmp_path / "alone")
+    single, _ = run_compare(alone)
+    assert [r["answer"] for r in single.rows if r["model"] == "sft"] == answers["dpo"]
+    assert [r["answer"] for r in single.rows if r["model"] == "base"] == answers["base"]
+    markdown = paths["markdown"].read_text(encoding="utf-8")
+    assert "DPO vs Base by reward" in markdown and "DPO vs Fine-tuned (SFT) by reward" in markdown
+
+
+def test_adapter_names_are_checked():
+    with pytest.raises(ConfigError, match="given twice"):
+        CompareOptions(adapter=["a=x", "a=y"]).adapters()
+    with pytest.raises(ConfigError, match="other than 'base'"):
+        CompareOptions(adapter=["base=x"]).adapters()
+    assert CompareOptions(adapter="out/sft").adapters() == {"sft": "out/sft"}

@@ -8,7 +8,7 @@ reward models and DPO), every record counted. One public API for both kinds:
 
 from component.config.choices import MOSS_TOOL_MODES, PREFERENCE_FORMATS, SFT_FORMATS
 from component.data.readers.preference import detect_preference_format, read_preference_file
-from component.data.readers.records import DataFormatError, SourceReport, iter_records
+from component.data.readers.records import DataFormatError, SourceReport, iter_records, utf8_error_position
 from component.data.readers.sft import detect_sft_format, read_sft_file
 
 __all__ = [
@@ -22,4 +22,5 @@ __all__ = [
     "iter_records",
     "read_preference_file",
     "read_sft_file",
+    "utf8_error_position",
 ]

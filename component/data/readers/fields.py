@@ -27,8 +27,15 @@ def blank(s: str) -> bool:
 
 
 def join_instruction(instruction: str, inp: Any) -> str:
-    """alpaca/BELLE/comparison prompt: instruction, then input on its own line when present."""
-    if type(inp) is not str or blank(inp):
+    """alpaca/BELLE/comparison prompt: instruction, then input on its own line when present.
+
+    A non-string input (5, ["z"]) is a counted skip: dropping it silently would train a different prompt.
+    """
+    if inp is None:
+        return instruction
+    if type(inp) is not str:
+        raise Skip("bad_field:input", f"expected a string, got {type(inp).__name__}")
+    if blank(inp):
         return instruction
     if blank(instruction):
         return inp

@@ -20,13 +20,15 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from component.config.errors import InputError
+
 logger = logging.getLogger(__name__)
 
 # Per-reason warnings logged per file before switching to counting only (1.1M-line files).
 _LOG_FIRST = 5
 
 
-class DataFormatError(ValueError):
+class DataFormatError(InputError):
     """A file cannot be read as the requested/detected format. The message names the file."""
 
 
@@ -155,7 +157,7 @@ class RecordReader:
                     continue
                 yield n, key, rec
         except UnicodeDecodeError as e:
-            raise DataFormatError(f"{self.path}: not valid UTF-8 ({e})") from None
+            raise DataFormatError(f"{utf8_error_position(self.path)}: not valid UTF-8 ({e.reason})") from None
         except (gzip.BadGzipFile, EOFError) as e:
             raise DataFormatError(f"{self.path}: broken gzip stream ({e})") from None
 
@@ -298,6 +300,21 @@ def _line_error(line: str, n: int, e: json.JSONDecodeError) -> str:
     except json.JSONDecodeError as e2:
         e = e2
     return f"malformed JSON: {e.msg}: line {n} column {e.colno}"
+
+
+def utf8_error_position(path: str) -> str:
+    """file:line:column of the first byte that is not UTF-8 (the decoder only knows its buffer offset)."""
+    opener = gzip.open if path.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as handle:
+            for n, line in enumerate(handle, 1):
+                try:
+                    line.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    return f"{path}:{n}:{len(line[: e.start].decode('utf-8', 'replace')) + 1}"
+    except (OSError, EOFError):
+        pass
+    return path
 
 
 def _next_content_line(f: Iterable[str], head: list[str]) -> str | None:

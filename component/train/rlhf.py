@@ -1,0 +1,297 @@
+"""Online RL on transformers' Trainer: sample completions, score them, and optimise the clipped objective.
+
+Each batch of prompts becomes a rollout: `num_generations` sampled completions per prompt (the policy's own
+`generate`, KV cache, the template's stop tokens and strings), their rewards (the reward model re-renders each
+conversation in its own template, plus rule rewards), the policy's and the reference's per-token log-probs, and
+the advantages (GRPO: group-normalised; RLOO: leave-one-out with the KL in the reward). The loss reuses the
+rollout for `num_iterations` optimisation passes (the sampler repeats each global batch). The reference shares
+the policy's base: the adapter switched off, or a frozen copy of a continued adapter.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Sampler
+from transformers import Trainer
+
+from component.config.generation import GenerationSettings
+from component.data.conversation import Conversation, Turn
+from component.data.template import Template
+from component.inference.engine import clean_answer, generate_kwargs
+from component.inference.scoring import RewardScorer
+from component.train.dpo import DEFAULT_CHUNK, as_reference, decoder_and_head, token_logps, unwrap
+from component.train.guards import ReliableTrainerMixin
+from component.train.rl import (
+    clipped_policy_loss,
+    group_advantages,
+    kl_per_token,
+    leave_one_out_advantages,
+    masked_mean,
+    sequence_clipped_loss,
+)
+
+SAMPLES_PER_LOG = 4
+
+
+def load_reward_function(spec: str) -> Callable:
+    """'module:function' -> the function; the error names what was not found."""
+    module_name, _, name = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError) as error:
+        raise ValueError(f"reward_function {spec!r} cannot be loaded: {error}") from None
+
+
+class RepeatSampler(Sampler[int]):
+    """A seeded shuffle whose every group of `group` indices comes `repeat` times in a row, so each rollout (a
+    global batch: per-device batch x processes x accumulation steps) is optimised `repeat` times."""
+
+    def __init__(self, size: int, group: int, repeat: int, seed: int) -> None:
+        self.size, self.group, self.repeat, self.seed, self.epoch = size, group, repeat, seed, 0
+
+    def __iter__(self) -> Iterator[int]:
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+        self.epoch += 1
+        for start in range(0, self.size, self.group):
+            block = order[start : start + self.group]
+            for _ in range(self.repeat):
+                yield from block
+
+    def __len__(self) -> int:
+        return self.size * self.repeat
+
+
+def completion_logps(
+    model: nn.Module, batch: dict[str, torch.Tensor], chunk: int = DEFAULT_CHUNK, entropy: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-token log-probs [N, C] of the completion tokens (0 on padding); with `entropy`, also the per-token
+    entropy of the policy's distribution (no gradient). Logits only at completion positions, in chunks."""
+    decoder, head = decoder_and_head(model)
+    captured: list[torch.Tensor] = []
+    handle = decoder.register_forward_hook(lambda _m, _i, output: captured.append(output[0]))
+    try:
+        model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            position_ids=batch["position_ids"],
+            use_cache=False,
+            logits_to_keep=1,
+        )
+    finally:
+        handle.remove()
+    prompt = batch["input_ids"].shape[1] - batch["completion_ids"].shape[1]
+    hidden = captured[-1][:, prompt - 1 : -1]  # position t predicts token t + 1
+    mask = batch["completion_mask"].bool()
+    values = token_logps(head, hidden[mask], batch["completion_ids"][mask], chunk)
+    logps = torch.zeros(mask.shape, dtype=values.dtype, device=values.device).masked_scatter(mask, values)
+    if not entropy:
+        return logps, None
+    with torch.no_grad():
+        entropies = []
+        states = hidden[mask].detach()
+        for start in range(0, states.shape[0], chunk):
+            log_probs = torch.log_softmax(head(states[start : start + chunk]).float(), -1)
+            entropies.append(-(log_probs.exp() * log_probs).sum(-1))
+        flat = torch.cat(entropies) if entropies else values.new_zeros(0)
+    return logps, torch.zeros(mask.shape, dtype=flat.dtype, device=flat.device).masked_scatter(mask, flat)
+
+
+class RLTrainer(ReliableTrainerMixin, Trainer):
+    """GRPO / RLOO over prompt batches (rows of `data.prompts`); see the module docstring."""
+
+    loss_is_scaled_for_ga = False
+
+    def __init__(
+        self,
+        *args,
+        template: Template,
+        settings: GenerationSettings,
+        algorithm: str = "grpo",
+        num_generations: int = 4,
+        num_iterations: int = 1,
+        beta: float = 0.04,
+        clip_range: float = 0.2,
+        scale_rewards: bool = True,
+        reward_scorer: RewardScorer | None = None,
+        reward_model_weight: float = 1.0,
+        exact_match_weight: float = 0.0,
+        reward_function: Callable | None = None,
+        reward_function_weight: float = 1.0,
+        mask_truncated_completions: bool = False,
+        reference: str | nn.Module = "adapter_off",
+        sample_log_steps: int = 10,
+        **kwargs,
+    ) -> None:
+        kwargs.setdefault("data_collator", list)
+        super().__init__(*args, **kwargs)
+        self.template, self.settings, self.algorithm = template, settings, algorithm
+        self.num_generations, self.num_iterations, self.beta, self.clip_range = (
+            num_generations,
+            num_iterations,
+            beta,
+            clip_range,
+        )
+        self.scale_rewards, self.reference, self.sample_log_steps = scale_rewards, reference, sample_log_steps
+        self.reward_scorer, self.reward_model_weight = reward_scorer, reward_model_weight
+        self.exact_match_weight = exact_match_weight
+        self.reward_function, self.reward_function_weight = reward_function, reward_function_weight
+        self.mask_truncated_completions = mask_truncated_completions
+        self.model_accepts_loss_kwargs = False
+        self.label_names = []
+        self._rollouts: dict[tuple, dict] = {}
+        self._logged: dict[str, list[float]] = defaultdict(list)
+
+    # --- the sampler: each global batch num_iterations times ------------------------------------------------------
+    def _get_train_sampler(self, dataset=None):
+        dataset = dataset if dataset is not None else self.train_dataset
+        args = self.args
+        group = args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps
+        return RepeatSampler(len(dataset), group, self.num_iterations, args.seed)
+
+    # --- rollouts -------------------------------------------------------------------------------------------------
+    def _prepare_inputs(self, rows):
+        if not isinstance(rows, list):  # evaluation of tensors, nothing of ours
+            return super()._prepare_inputs(rows)
+        key = tuple(row["index"] for row in rows)
+        if key not in self._rollouts:
+            if len(self._rollouts) >= self.args.gradient_accumulation_steps:
+                self._rollouts.clear()  # a new global batch: the previous rollouts are done
+            self._rollouts[key] = self.rollout(rows)
+        return self._rollouts[key]
+
+    @torch.no_grad()
+    def generate(self, rows: list[dict]) -> tuple[torch.Tensor, ...]:
+        """(prompt ids left-padded [N, P], prompt mask, completion ids [N, C], completion mask [N, C], ended [N]) for
+        N = rows x num_generations; the mask ends with the first stop token (kept: the policy learns to stop)."""
+        model = unwrap(self.model)
+        device = self.args.device
+        tokenizer = self.processing_class
+        prompts = [row["prompt_ids"] for row in rows for _ in range(self.num_generations)]
+        width = max(len(p) for p in prompts)
+        pad = tokenizer.pad_token_id
+        prompt_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+        prompt_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+        kwargs = generate_kwargs(tokenizer, self.template, self.settings)
+        was_training = model.training
+        model.eval()
+        output = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, use_cache=True, **kwargs)
+        model.train(was_training)
+        completion_ids = output[:, width:]
+        stops = torch.isin(completion_ids, torch.tensor(self.template.stop_token_ids, device=device))
+        ended = stops.any(-1)
+        first_stop = torch.where(ended, stops.int().argmax(-1), completion_ids.shape[1] - 1)
+        positions = torch.arange(completion_ids.shape[1], device=device)
+        completion_mask = (positions[None] <= first_stop[:, None]).long()
+        if self.mask_truncated_completions:
+            completion_mask = completion_mask * ended[:, None].long()
+        return prompt_ids, prompt_mask, completion_ids.masked_fill(completion_mask == 0, pad), completion_mask, ended
+
+    def rewards(self, rows: list[dict], completions: list[str]) -> dict[str, torch.Tensor]:
+        """Each reward source's score per completion, and their weighted sum ("total")."""
+        expanded = [row for row in rows for _ in range(self.num_generations)]
+        scores: dict[str, list[float]] = {}
+        if self.reward_scorer is not None:
+            conversations = [
+                Conversation(
+                    [*(Turn(t["user"], t["assistant"]) for t in row["history"]), Turn(row["prompt"], answer)],
+                    system=row["system"] or None,
+                )
+                for row, answer in zip(expanded, completions)
+            ]
+            scores["reward_model"] = [s if math.isfinite(s) else 0.0 for s in self.reward_scorer(conversations)]
+        if self.exact_match_weight:
+            scores["exact_match"] = [
+                float(answer.strip() == row["reference"].strip()) for row, answer in zip(expanded, completions)
+            ]
+        if self.reward_function is not None:
+            values = self.reward_function(
+                [row["prompt"] for row in expanded], completions, [row["reference"] for row in expanded]
+            )
+            scores["function"] = [float(v) for v in values]
+        weights = {
+            "reward_model": self.reward_model_weight,
+            "exact_match": self.exact_match_weight,
+            "function": self.reward_function_weight,
+        }
+        device = self.args.device
+        out = {name: torch.tensor(values, device=device) for name, values in scores.items()}
+        out["total"] = sum(weights[name] * out[name] for name in scores)
+        return out
+
+    def rollout(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        prompt_ids, prompt_mask, completion_ids, completion_mask, ended = self.generate(rows)
+        tokenizer = self.processing_class
+        completions = [clean_answer(ids.tolist(), tokenizer, self.template) for ids in completion_ids]
+        rewards = self.rewards(rows, completions)
+        attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+        batch = {
+            "input_ids": torch.cat([prompt_ids, completion_ids], dim=1),
+            "attention_mask": attention_mask,
+            "position_ids": (attention_mask.cumsum(-1) - 1).clamp_min(0),
+            "completion_ids": completion_ids,
+            "completion_mask": completion_mask,
+        }
+        model = self.model
+        with torch.no_grad():
+            old_logps, entropy = completion_logps(model, batch, entropy=True)
+            with as_reference(model, self.reference) as reference:
+                ref_logps, _ = completion_logps(reference, batch)
+        total = rewards["total"]
+        if self.algorithm == "rloo":  # the KL penalty is part of RLOO's sequence reward
+            kl = ((old_logps - ref_logps) * completion_mask).sum(-1)
+            advantages = leave_one_out_advantages(total - self.beta * kl, self.num_generations)
+        else:
+            advantages = group_advantages(total, self.num_generations, self.scale_rewards)
+        batch.update(old_logps=old_logps, ref_logps=ref_logps, advantages=advantages)
+        self.record_rollout(rows, completions, rewards, completion_mask, ended, entropy)
+        return batch
+
+    def record_rollout(self, rows, completions, rewards, completion_mask, ended, entropy) -> None:
+        for name, values in rewards.items():
+            self._logged[f"rewards/{name}/mean"].append(values.mean().item())
+            self._logged[f"rewards/{name}/std"].append(values.std().item() if len(values) > 1 else 0.0)
+        lengths = completion_mask.sum(-1).float()
+        self._logged["completions/mean_length"].append(lengths.mean().item())
+        self._logged["completions/truncated"].append(1 - ended.float().mean().item())
+        self._logged["entropy"].append(masked_mean(entropy, completion_mask).item())
+        if self.state.global_step % self.sample_log_steps == 0 and self.is_world_process_zero():
+            path = Path(self.args.output_dir) / "samples.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "a", encoding="utf-8") as handle:
+                for index in range(min(SAMPLES_PER_LOG, len(completions))):
+                    row = rows[index // self.num_generations]
+                    sample = {"step": self.state.global_step, "prompt": row["prompt"], "completion": completions[index]}
+                    sample.update({f"reward/{name}": values[index].item() for name, values in rewards.items()})
+                    handle.write(json.dumps(sample, ensure_ascii=False) + "\n")
+
+    # --- the loss -------------------------------------------------------------------------------------------------
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        logps, _ = completion_logps(model, inputs)
+        mask = inputs["completion_mask"]
+        # One pass per rollout: the rollout's log-probs are these (ratio exactly 1); later passes use the stored ones.
+        old = logps.detach() if self.num_iterations == 1 else inputs["old_logps"]
+        if self.algorithm == "rloo":
+            loss = sequence_clipped_loss(logps, old, inputs["advantages"], mask, self.clip_range)
+            stats = {"kl": masked_mean(kl_per_token(logps.detach(), inputs["ref_logps"]), mask)}
+        else:
+            loss, stats = clipped_policy_loss(
+                logps, old, inputs["advantages"], mask, self.clip_range, inputs["ref_logps"], self.beta
+            )
+        for name, value in stats.items():
+            self._logged[name].append(float(value))
+        return (loss, {}) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        if self._logged and "loss" in logs:
+            logs = {**logs, **{key: float(np.mean(values)) for key, values in self._logged.items()}}
+            self._logged.clear()
+        super().log(logs, *args, **kwargs)

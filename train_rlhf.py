@@ -1,0 +1,107 @@
+"""Online RLHF recipe: GRPO or RLOO on a LoRA / QLoRA policy against our reward model and rule rewards.
+
+    python train_rlhf.py --train_args_file config/rlhf/lora_config.json [--key value ...]
+    sh run.sh train_rlhf.py config/rlhf/lora_config.json          # torchrun: each rank samples for its own prompts
+
+Steps: read the train args (SFT's keys + algorithm, rewards, sampling) -> load the tokenizer and template -> read
+the prompts (any SFT or preference file: the conversation up to its last user turn; write data_report.json /
+data_preview.jsonl) -> [stop here with --dry_run true] -> load the policy (a new LoRA or `adapter_name_or_path`
+continued; the reference shares its base) and the reward model (once) -> train with RLTrainer (sample, score,
+advantages, clipped loss) -> save the adapter, tokenizer, metrics, samples.jsonl and training_loss.png.
+See docs/rlhf.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from component.config.training import RLArguments, check_usage_early
+
+if __name__ == "__main__":  # --help and a missing train-args file answer before torch loads
+    check_usage_early(sys.argv[1:], "train_rlhf.py", __doc__, RLArguments)
+
+from transformers import set_seed
+
+from component.config.generation import resolve_settings
+from component.config.parser import run_cli, usage
+from component.config.training import TRAIN_ARGS_FLAG, load_arguments, recipe_fields
+from component.data.prompts import prepare_prompt_data
+from component.data.template import get_template
+from component.inference.scoring import load_reward_scorer
+from component.model.loader import load_model, load_tokenizer
+from component.train.recipe import finish_training, lock_output_dir, record_data, resolve_resume, setup_logging
+from component.train.reference import REFERENCE_ADAPTER
+from component.train.rlhf import RLTrainer, load_reward_function
+
+logger = logging.getLogger("train_rlhf")
+
+PLOT_KEYS = ("loss", "rewards/total/mean", "kl", "completions/mean_length")
+
+
+def main(argv: list[str], callbacks: list | None = None) -> RLTrainer | None:
+    args, training_args = load_arguments(argv, RLArguments, prog="train_rlhf.py")
+    setup_logging(training_args)
+    lock = lock_output_dir(training_args)  # one run per output_dir: before anything is written there
+
+    tokenizer = load_tokenizer(args.model_name_or_path, args.trust_remote_code, padding_side="left")
+    template = get_template(args.template, tokenizer)
+    data = prepare_prompt_data(args, template, training_args)
+    record_data(
+        args,
+        training_args,
+        data,
+        ("prompt_ids",),
+        lambda first: "Example prompt:\n" + tokenizer.decode(first["prompt_ids"], skip_special_tokens=False),
+        unit="prompts",
+    )
+    if args.dry_run:
+        return None
+
+    overrides = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature}
+    settings = resolve_settings(args.generation_preset, overrides)
+    set_seed(training_args.seed)
+    model = load_model(args, training_args.gradient_checkpointing)
+    reference = "adapter_off"
+    if args.adapter_name_or_path:  # KL to the SFT policy being continued, not to the bare base
+        model.load_adapter(args.adapter_name_or_path, adapter_name=REFERENCE_ADAPTER, is_trainable=False)
+        reference = REFERENCE_ADAPTER
+    scorer = None
+    if args.reward_model:
+        scorer = load_reward_scorer(
+            args.reward_model,
+            args.reward_base_model,
+            args.reward_quantization,
+            training_args.per_device_eval_batch_size,
+        )
+    trainer = RLTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=data.train.add_column("index", list(range(len(data.train)))),
+        processing_class=tokenizer,
+        callbacks=callbacks,
+        on_nonfinite=args.on_nonfinite,
+        template=template,
+        settings=settings,
+        algorithm=args.algorithm,
+        num_generations=args.num_generations,
+        num_iterations=args.num_iterations,
+        beta=args.beta,
+        clip_range=args.clip_range,
+        scale_rewards=args.scale_rewards,
+        reward_scorer=scorer,
+        reward_model_weight=args.reward_model_weight,
+        exact_match_weight=args.exact_match_weight,
+        reward_function=load_reward_function(args.reward_function) if args.reward_function else None,
+        reward_function_weight=args.reward_function_weight,
+        mask_truncated_completions=args.mask_truncated_completions,
+        reference=reference,
+        sample_log_steps=args.sample_log_steps,
+    )
+    result = trainer.train(resume_from_checkpoint=resolve_resume(training_args))
+    finish_training(trainer, result, PLOT_KEYS, lock=lock)
+    return trainer
+
+
+if __name__ == "__main__":
+    run_cli(main, sys.argv[1:], lambda: usage("train_rlhf.py", __doc__, TRAIN_ARGS_FLAG, recipe_fields(RLArguments)))
