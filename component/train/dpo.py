@@ -70,10 +70,14 @@ def token_logps(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, ch
     def chunk_logps(states: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         return -F.cross_entropy(head(states).float(), ids, reduction="none")
 
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    # ZeRO-3 re-gathers the head's weight in the recompute, which torch's checkpoint rejects as changed metadata
+    recompute = torch.is_grad_enabled() and not is_deepspeed_zero3_enabled()
     pieces = []
     for start in range(0, hidden.shape[0], chunk):
         states, ids = hidden[start : start + chunk], targets[start : start + chunk]
-        if torch.is_grad_enabled():
+        if recompute:
             pieces.append(checkpoint(chunk_logps, states, ids, use_reentrant=False))
         else:
             pieces.append(chunk_logps(states, ids))

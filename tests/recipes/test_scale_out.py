@@ -3,7 +3,7 @@
 Every engine trains the same tiny model on the same data for 4 steps and must end on the same weights as DDP
 (full fine-tuning and LoRA); ZeRO-3 and FSDP must really hold ~1/2 of the parameters per rank (recorded inside
 the run by tests/recipes/scale_out_probe.py); a resume from their step-2 checkpoint must equal the
-uninterrupted run; the reward model trains under ZeRO-3; config/full_qwen_zero3.json runs as shipped on a
+uninterrupted run; the reward model trains and DPO equals DDP under ZeRO-3; config/full_qwen_zero3.json runs as shipped on a
 tiny model; two single-process "nodes" (two torchrun launchers on loopback) equal one 2-process node.
 One torchrun launch per engine runs all of that engine's trainings (`--then`), shared by the assertions.
 """
@@ -63,7 +63,22 @@ def workdir(tmp_path_factory, tiny_llama_dir) -> Path:
         "data_cache_dir": str(folder / "cache"),
     }
     (folder / "base.json").write_text(json.dumps(base), encoding="utf-8")
+    dpo = json.loads((REPO / "config/dpo/demo_lora.json").read_text(encoding="utf-8"))
+    dpo.update(
+        {k: base[k] for k in ("model_name_or_path", "max_steps", "logging_steps", "save_strategy", "data_cache_dir")},
+        train_file=str(folder / "pairs.jsonl"),
+        eval_file=None,
+        eval_strategy="no",
+        per_device_train_batch_size=4,
+        warmup_steps=0,
+        report_to=[],
+    )
+    (folder / "dpo.json").write_text(json.dumps(dpo), encoding="utf-8")
     return folder
+
+
+def dpo(workdir: Path, name: str, *overrides) -> list:
+    return ["train_dpo", "--train_args_file", workdir / "dpo.json", "--output_dir", workdir / name, *overrides]
 
 
 def sft(workdir: Path, name: str, *overrides) -> list:
@@ -78,7 +93,8 @@ def launch(*trainings: list) -> None:
 def engine_trainings(workdir: Path, engine: str, tiny_llama_dir: Path) -> list[list]:
     flags = ENGINES[engine]
     if engine not in SHARDED:
-        return [sft(workdir, f"{engine}_{kind}", "--finetuning_type", kind, *flags) for kind in ("full", "lora")]
+        trainings = [sft(workdir, f"{engine}_{kind}", "--finetuning_type", kind, *flags) for kind in ("full", "lora")]
+        return trainings + ([dpo(workdir, "dpo_ddp")] if engine == "ddp" else [])
     trainings = [
         sft(
             workdir,
@@ -97,6 +113,7 @@ def engine_trainings(workdir: Path, engine: str, tiny_llama_dir: Path) -> list[l
     ]
     if engine == "zero3":
         trainings += [
+            dpo(workdir, "dpo_zero3", *flags),
             ["train_rm", "--train_args_file", workdir / "base.json", "--output_dir", workdir / "rm_zero3", *flags]
             + ["--train_file", workdir / "pairs.jsonl", "--eval_file", workdir / "pairs_eval.jsonl"]
             + ["--per_device_eval_batch_size", 4, "--max_steps", 2],
@@ -211,6 +228,12 @@ def test_reward_model_trains_under_zero3_with_its_score_head(runs):
     model = load_reward_model(str(out))[0]
     reloaded = [v for k, v in model.state_dict().items() if "score.modules_to_save" in k and k.endswith("weight")]
     assert len(reloaded) == 1 and torch.equal(reloaded[0].float(), adapter[head[0]].float())
+
+
+def test_dpo_under_zero3_equals_ddp(runs):
+    """A later recipe gets ZeRO-3 from the same argument loading (its policy and adapter-off reference)."""
+    assert max_difference(weights(runs / "dpo_ddp"), weights(runs / "dpo_zero3")) < 1e-4
+    assert all(0.45 < r["param_numel_local"] / r["param_numel_full"] < 0.56 for r in shards(runs / "dpo_zero3"))
 
 
 def test_full_qwen_zero3_config_runs_as_shipped_on_a_tiny_model(runs):
