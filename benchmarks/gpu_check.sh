@@ -16,13 +16,17 @@
 # Modes: padded (random order), group_by_length, our default with SDPA (packing, rows of at most the batch's
 # longest example: dense row x row masks), packing with SDPA in one flat row per batch, and, when flash-attn
 # is importable, group_by_length and our default (one flat row, varlen kernel) with flash_attention_2.
-# Budget: under 8 minutes on an H100.
-#
 # Second part (skip with BAICHUAN=0): peak GPU memory of QLoRA on a Baichuan2-13B-shaped model (hidden 5120,
 # 40 layers, 40 heads, intermediate 13696, vocabulary 125,696, ALiBi, NormHead; random init, bf16, ~26 GB
 # written to $WORK once), 1,024-token examples, batch 1 and 4, with `logits_path: "chunked"` (train.lm_head)
 # and `"model"` (the model's own logits and loss), gradient checkpointing, 3 optimizer steps each. Needs ~60 GB
 # of disk and a GPU with >= 40 GB; budget ~10 minutes (most of it writing and quantizing the weights).
+#
+# Then the scale-out cases, one torchrun process per visible GPU (SMOKE: 2 CPU processes, gloo): LoRA and full
+# fine-tuning (bf16) under DeepSpeed ZeRO-3 (config/deepspeed/zero3.json) and FSDP2 (config/fsdp/full_shard.json),
+# and QLoRA under FSDP2 (bnb_4bit_quant_storage bf16; GPU only): tokens/s per GPU (non-padding input tokens,
+# Trainer's num_input_tokens_seen) and peak memory per GPU (max over ranks). SCALE=0 skips them.
+# Budget: under 8 minutes on an H100 for the first part, ~10 for the Baichuan part, ~3 for the scale-out cases.
 set -eu
 
 cd "$(dirname "$0")/.."
@@ -43,6 +47,10 @@ done
 if [ -n "$missing" ]; then
     echo "installing from $WHEELS:$missing"
     "$PYTHON" -m pip install -q --no-index --find-links "$WHEELS" $missing
+fi
+if [ "${SCALE:-1}" != "0" ] && ! "$PYTHON" -c "import deepspeed" 2>/dev/null; then  # only the ZeRO-3 cases need it
+    DS_BUILD_OPS=0 "$PYTHON" -m pip install -q --no-index --find-links "$WHEELS" deepspeed \
+        || echo "deepspeed is not installed (and not in $WHEELS): the ZeRO-3 cases will fail"
 fi
 
 cat > "$WORK/gpu_check.py" <<'PY'
@@ -151,7 +159,80 @@ def run_mode(name):
             + (f", row budget {collator.row_tokens}" if packing else "")}
 
 
+SCALE_CASES = {  # name: (our train-args keys + TrainingArguments keys), run under torchrun on every GPU
+    "LoRA, ZeRO-3": {"finetuning_type": "lora", "deepspeed": "config/deepspeed/zero3.json"},
+    "full, ZeRO-3": {"finetuning_type": "full", "deepspeed": "config/deepspeed/zero3.json"},
+    "LoRA, FSDP2": {"finetuning_type": "lora", "fsdp": True, "fsdp_config": "config/fsdp/full_shard.json"},
+    "full, FSDP2": {"finetuning_type": "full", "fsdp": True, "fsdp_config": "config/fsdp/full_shard.json"},
+    "QLoRA, FSDP2": {"finetuning_type": "qlora", "bnb_4bit_quant_storage": "bfloat16", "fsdp": True,
+                     "fsdp_config": "config/fsdp/full_shard.json"},
+}
+
+
+def run_scale_case(name):
+    """One rank of a scale-out case (under torchrun): train_sft.main with a meter; rank 0 prints the RESULT."""
+    import torch
+    import torch.distributed as dist
+    from transformers import TrainerCallback
+    import train_sft
+
+    if SMOKE:  # accelerate drops the FSDP plugin on MULTI_CPU; the tests' probe restores it (CPU only)
+        from tests.recipes.scale_out_probe import fsdp_on_cpu
+        fsdp_on_cpu()
+    keys = {**train_args({}), "per_device_train_batch_size": 4, "gradient_checkpointing": True,
+            "include_num_input_tokens_seen": "non_padding", "output_dir": str(WORK / "scale_out"), **SCALE_CASES[name]}
+    keys.pop("packing", None)
+    if keys["finetuning_type"] == "full":
+        keys["learning_rate"] = 2e-5
+    args_file = WORK / f"scale_{os.environ.get('RANK', '0')}.json"
+    args_file.write_text(json.dumps(keys))
+    marks = []
+
+    class Meter(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            marks.append((time.perf_counter(), state.num_input_tokens_seen))
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    train_sft.main(["--train_args_file", str(args_file)], callbacks=[Meter()])
+    warm = min(5, len(marks) // 3)
+    (t0, n0), (t1, n1) = marks[warm - 1] if warm else (marks[0][0], 0), marks[-1]
+    peak = torch.tensor([torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0])
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if dist.is_initialized():
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print("RESULT " + json.dumps({"case": name, "gpus": world, "tokens_per_s_per_gpu": (n1 - n0) / (t1 - t0) / world,
+                                      "peak_gpu_gib": peak.item()}), flush=True)
+
+
+def scale_out_rows():
+    import torch
+    rows = []
+    gpus = 2 if SMOKE else torch.cuda.device_count()
+    env = {**os.environ, "PYTHONPATH": str(REPO), **({"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"} if SMOKE else {})}
+    for name, keys in SCALE_CASES.items():
+        if SMOKE and keys["finetuning_type"] == "qlora":
+            print(f"skip {name}: 4-bit storage under FSDP is a GPU path")
+            continue
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(gpus), "--master_port", "29611",
+                   __file__, str(WORK), str(STEPS), "--scale", name]
+        done = subprocess.run(command, capture_output=True, text=True, env=env)
+        lines = [l for l in done.stdout.splitlines() if l.startswith("RESULT ")]
+        if done.returncode or not lines:
+            print(f"{name} FAILED:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
+            continue
+        rows.append(json.loads(lines[-1][7:]))
+        print(f"{name}: {rows[-1]['tokens_per_s_per_gpu']:.0f} tokens/s per GPU, peak {rows[-1]['peak_gpu_gib']:.1f} GiB")
+    return rows
+
+
 def main():
+    if len(sys.argv) > 4 and sys.argv[3] == "--scale":
+        run_scale_case(sys.argv[4])
+        return
     if len(sys.argv) > 3:
         print("RESULT " + json.dumps(run_mode(sys.argv[3])), flush=True)
         return
@@ -186,11 +267,17 @@ def main():
     for r in rows:
         table.append(f"| {r['mode']} | {r['label_tokens_per_s']:.0f} | {r['tokens_per_s']:.0f} | {r['step_s']:.3f} | "
                      f"{100 * r['padding_fraction']:.0f}% | {r['peak_gpu_gib']:.1f} | {r['loss']:.3f} | {r['batching']} |")
+    scale = scale_out_rows() if os.environ.get("SCALE", "1") != "0" else []
+    if scale:
+        table += ["", f"Scale-out: {scale[0]['gpus']} process(es), batch 4 per process, gradient checkpointing, "
+                  f"{'fp32 (CPU smoke)' if SMOKE else 'bf16'}", "",
+                  "| case | tokens/s per GPU | peak GPU GiB (max over ranks) |", "|---|---:|---:|"]
+        table += [f"| {r['case']} | {r['tokens_per_s_per_gpu']:.0f} | {r['peak_gpu_gib']:.1f} |" for r in scale]
     print("\n".join(table))
     out = os.environ.get("OUT")
     if out:
         Path(out).mkdir(parents=True, exist_ok=True)
-        Path(out, "gpu_check.json").write_text(json.dumps({"device": device, "rows": rows}, indent=2))
+        Path(out, "gpu_check.json").write_text(json.dumps({"device": device, "rows": rows, "scale_out": scale}, indent=2))
         Path(out, "gpu_check.md").write_text("\n".join(table) + "\n")
     print(f"total {time.time() - start:.0f} s")
 

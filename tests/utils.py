@@ -55,15 +55,23 @@ def jsonl(records: list) -> str:
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
 
 
-def run_torchrun(script: Path | str, *script_args: str, processes: int = 2) -> subprocess.CompletedProcess:
+def run_torchrun(
+    script: Path | str, *script_args: str, processes: int = 2, timeout: int = 300
+) -> subprocess.CompletedProcess:
     """`torchrun --nproc_per_node N script ...` on the CPU (gloo), one thread each; fails the test on error."""
     with socket.socket() as sock:  # a free port, so parallel runs never collide
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "OMP_NUM_THREADS": "1",
+        "CUDA_VISIBLE_DEVICES": "",
+        "DS_ACCELERATOR": "cpu",
+    }
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes)]
     command += ["--master_port", str(port), str(script), *map(str, script_args)]
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 

@@ -75,7 +75,7 @@ def check_value(where: str, value: Any, annotation: Any, from_cli: bool) -> Any:
         (item_type,) = typing.get_args(annotation)[:1] or (Any,)
         return [check_value(where, item, item_type, from_cli) for item in value]
     if origin is dict or annotation is dict:
-        if from_cli and isinstance(value, str):
+        if from_cli and isinstance(value, str) and value.lstrip().startswith("{"):
             value = json.loads(value)
         if not isinstance(value, dict):
             raise ConfigError(f"{where} must be a JSON object, got {value!r}")

@@ -8,7 +8,9 @@ wrong types and impossible combinations fail with a message naming the key and t
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
+import logging
 import math
 import os
 import sys
@@ -86,6 +88,17 @@ class FinetuneArguments:
     )
     finetuning_type: str = field(default="lora", metadata=choices(*FINETUNING_TYPES))
     quantization: str | None = field(default=None, metadata=choices(*QUANTIZATIONS))
+    bnb_4bit_quant_storage: str | None = field(
+        default=None,
+        metadata=choices(
+            "bfloat16",
+            "float16",
+            "float32",
+            None,
+            help="dtype the packed 4-bit weights are stored in; QLoRA under FSDP / ZeRO-3 needs the compute dtype "
+            "(bfloat16) so they shard with the rest (docs/scale_out.md); null = uint8.",
+        ),
+    )
     lora_rank: int = field(default=64, metadata={"help": "LoRA rank r."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling alpha."})
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
@@ -291,6 +304,8 @@ def build_arguments(
     """The same as load_arguments for a dict already read (tests, other front ends)."""
     if isinstance(raw.get("resume_from_checkpoint"), bool):  # true = the latest checkpoint, resolved later
         raw = {**raw, "resume_from_checkpoint": "true" if raw["resume_from_checkpoint"] else None}
+    if isinstance(raw.get("fsdp"), bool):  # TrainingArguments types it str for the legacy form; true is the new one
+        raw = {**raw, "fsdp": "true" if raw["fsdp"] else None}
     values = check_settings(recipe_fields(ours), raw, overrides or {}, source, prog)
     return _build(values, ours, source, set(overrides or {}))
 
@@ -313,6 +328,7 @@ def _build(
     hf_values = {k: v for k, v in values.items() if k not in our_fields}
     args = ours(**ours_values)
     _apply_training_defaults(hf_values)
+    check_scale_out(args, hf_values, source)
     try:
         training_args = TrainingArguments(**hf_values)
     except (ValueError, TypeError) as error:
@@ -320,6 +336,8 @@ def _build(
     where = Where(source, cli_keys)
     check_ranges(args, training_args, where)  # before .device: a bad value must not start a process group
     training_args.device  # noqa: B018  (sets up torchrun's process group, so process_index is right from here on)
+    if training_args.deepspeed:
+        join_deepspeed_comm()
     validate(args, training_args, where)
     return args, training_args
 
@@ -417,6 +435,62 @@ def check_ranges(args: FinetuneArguments, training_args: TrainingArguments, wher
     warmup = getattr(training_args, "warmup_ratio", None)
     if warmup is not None and not 0 <= warmup <= 1:
         raise ConfigError(f"{where('warmup_ratio')} must be in [0, 1], got {warmup}")
+
+
+def check_scale_out(args: FinetuneArguments, hf_values: dict[str, Any], source: str) -> None:
+    """The `deepspeed` / `fsdp` keys: the package is there, and the weights can be sharded (docs/scale_out.md)."""
+    if hf_values.get("fsdp") in ("true", "True"):
+        hf_values["fsdp"] = True
+    elif hf_values.get("fsdp") in ("false", "False", ""):
+        hf_values["fsdp"] = None
+    engine = "fsdp" if hf_values.get("fsdp") else None  # the engines that shard the weights themselves
+    if engine and hf_values.get("use_cpu"):
+        logging.getLogger(__name__).warning(
+            "%s: accelerate keeps 'fsdp' only on GPUs (and other accelerators); on the CPU the run is DDP "
+            "(docs/scale_out.md, 'On the CPU')",
+            source,
+        )
+    if hf_values.get("deepspeed"):
+        if importlib.util.find_spec("deepspeed") is None:
+            raise ConfigError(
+                f"{source}: 'deepspeed' is set but the deepspeed package is not installed "
+                "(DS_BUILD_OPS=0 pip install deepspeed; see docs/scale_out.md)"
+            )
+        engine = "deepspeed" if zero_stage(hf_values["deepspeed"], source) == 3 else None
+    if args.bnb_4bit_quant_storage is not None and args.quantization != "4bit":
+        raise ConfigError(f"{source}: 'bnb_4bit_quant_storage' only applies to 'quantization': \"4bit\"")
+    if engine and args.quantization == "4bit" and args.bnb_4bit_quant_storage is None:
+        raise ConfigError(
+            f"{source}: 4-bit QLoRA under '{engine}' needs 'bnb_4bit_quant_storage': \"bfloat16\" (the compute "
+            "dtype), so the packed weights can be sharded like the other parameters; see docs/scale_out.md"
+        )
+    if engine and args.quantization == "8bit":
+        raise ConfigError(
+            f"{source}: 'quantization': \"8bit\" cannot be combined with '{engine}' (8-bit weights cannot be "
+            'sharded); use "finetuning_type": "qlora" (4-bit) or LoRA in 16-bit, see docs/scale_out.md'
+        )
+
+
+def zero_stage(deepspeed: dict | str, source: str = "train_args") -> int | None:
+    """The ZeRO stage of a `deepspeed` value (a config dict or a JSON file path)."""
+    if isinstance(deepspeed, str):
+        if not os.path.isfile(deepspeed):
+            raise ConfigError(f"{source}: 'deepspeed' file {deepspeed!r} does not exist (see config/deepspeed/)")
+        deepspeed = read_json_object(deepspeed, "deepspeed")
+    return deepspeed.get("zero_optimization", {}).get("stage")
+
+
+def join_deepspeed_comm() -> None:
+    """Attach deepspeed.comm to the process group accelerate created (on the CPU a plain gloo one).
+
+    ZeRO-3 builds the model inside `deepspeed.zero.Init` (from_pretrained), which reads the world size from
+    deepspeed.comm: without this it sees 1 and rejects the batch sizes. On GPUs accelerate already did it.
+    """
+    import deepspeed.comm
+    import torch
+
+    if torch.distributed.is_initialized() and not deepspeed.comm.is_initialized():
+        deepspeed.comm.init_distributed(dist_backend=torch.distributed.get_backend(), auto_mpi_discovery=False)
 
 
 def validate(args: FinetuneArguments, training_args: TrainingArguments, source: str | Where) -> None:

@@ -48,13 +48,14 @@ def inference_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def quantization_config(quantization: str | None) -> BitsAndBytesConfig | None:
+def quantization_config(quantization: str | None, quant_storage: str | None = None) -> BitsAndBytesConfig | None:
     if quantization == "4bit":
         return BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=compute_dtype(),
+            **({"bnb_4bit_quant_storage": getattr(torch, quant_storage)} if quant_storage else {}),
         )
     if quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
@@ -63,7 +64,9 @@ def quantization_config(quantization: str | None) -> BitsAndBytesConfig | None:
 
 def device_map_for_this_process(quantized: bool) -> dict | None:
     """Quantized weights must be placed at load time: each torchrun process on its own GPU (LOCAL_RANK)."""
-    if not quantized or not torch.cuda.is_available():
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if not quantized or not torch.cuda.is_available() or is_deepspeed_zero3_enabled():  # zero.Init places them
         return None
     return {"": int(os.environ.get("LOCAL_RANK", "0"))}
 
@@ -148,11 +151,12 @@ def load_pretrained(
     dtype: torch.dtype | None = None,
     trust_remote_code: bool = False,
     attn_implementation: str | None = None,
+    quant_storage: str | None = None,
     **config_kwargs: Any,
 ) -> PreTrainedModel:
     """Weights of `path` for `task`, quantized and placed as this process needs; not moved otherwise."""
     model_class, _ = TASKS[task]
-    quantized = quantization_config(quantization)
+    quantized = quantization_config(quantization, quant_storage)
     return model_class.from_pretrained(
         path,
         quantization_config=quantized,
@@ -180,6 +184,7 @@ def load_model(
         dtype=torch.float32 if full else compute_dtype(),
         trust_remote_code=args.trust_remote_code,
         attn_implementation=args.attn_implementation,
+        quant_storage=args.bnb_4bit_quant_storage,
         **config_kwargs,
     )
     model.config.use_cache = False  # no KV cache while training; also lets packed batches be detected

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+from transformers.integrations import is_deepspeed_zero3_enabled
 
 IGNORE_INDEX = -100
 DEFAULT_CHUNK_SIZE = 1024
@@ -116,7 +117,9 @@ def _chunks(head: OutputHead, function, hidden: torch.Tensor, targets: torch.Ten
         raise ValueError(f"logits_chunk_size must be positive, got {chunk_size}")
     # At least one (possibly empty) chunk: the head stays in the graph, as DDP expects every step.
     starts = range(0, max(len(targets), 1), chunk_size)
-    if not torch.is_grad_enabled():
+    # ZeRO-3 re-gathers the head's weight in a recompute, which torch's checkpoint rejects as changed metadata:
+    # there the chunks keep their activations (more memory under ZeRO-3 only).
+    if not torch.is_grad_enabled() or is_deepspeed_zero3_enabled():
         return [function(head, hidden[s : s + chunk_size], targets[s : s + chunk_size]) for s in starts]
     return [
         checkpoint(function, head, hidden[s : s + chunk_size], targets[s : s + chunk_size], use_reentrant=False)
