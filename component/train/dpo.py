@@ -34,8 +34,8 @@ from component.train.lm_head import (
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The model under DDP / DataParallel wrappers (peft's wrapper kept: it switches adapters)."""
-    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+    """The model under DDP / DataParallel / DeepSpeed wrappers (peft's wrapper kept: it switches adapters)."""
+    while isinstance(getattr(model, "module", None), nn.Module):
         model = model.module
     return model
 

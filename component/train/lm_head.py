@@ -38,9 +38,10 @@ DEFAULT_CHUNK_SIZE = 1024
 
 
 def base_causal_lm(model: nn.Module) -> nn.Module:
-    """The transformers causal LM under DDP / accelerate and PEFT wrappers."""
-    while isinstance(model, nn.parallel.DistributedDataParallel) or hasattr(model, "_orig_mod"):
-        model = model.module if hasattr(model, "module") else model._orig_mod
+    """The transformers causal LM under DDP / DeepSpeed / compile and PEFT wrappers."""
+    # DDP, DataParallel and DeepSpeed's engine keep the model as `.module`; torch.compile as `._orig_mod`
+    while isinstance(getattr(model, "module", None), nn.Module) or hasattr(model, "_orig_mod"):
+        model = model.module if isinstance(getattr(model, "module", None), nn.Module) else model._orig_mod
     if hasattr(model, "get_base_model") and hasattr(model, "peft_config"):
         model = model.get_base_model()
     return model
@@ -197,7 +198,9 @@ def causal_lm_loss(
         denominator = torch.as_tensor(num_items_in_batch, device=hidden.device, dtype=torch.float32)
         scales = (1 / denominator).expand(2)
     params = [p for p in head.module.parameters() if p.requires_grad]
-    if torch.is_grad_enabled() and (hidden.requires_grad or params):
+    # ZeRO-3 partitions the head's weight outside its forward: gradients taken here would not fit it, so there
+    # each chunk is differentiated by autograd in backward (its logits kept until then).
+    if torch.is_grad_enabled() and (hidden.requires_grad or params) and not is_deepspeed_zero3_enabled():
         return _ChunkedLoss.apply(hidden, targets, scales, head, chunk_size, *params)
     pieces = _chunks(head, _chunk_loss, hidden, targets, chunk_size)
     return (torch.stack(pieces).sum(dim=0) * scales).sum()

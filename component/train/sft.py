@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+
 from transformers import Trainer
+from transformers.integrations import is_deepspeed_zero3_enabled
 
 from component.config.choices import LOGITS_PATHS
 from component.train.guards import ReliableTrainerMixin
 from component.train.lm_head import DEFAULT_CHUNK_SIZE, OutputHead, causal_lm_loss, decoder_hidden_states
+
+logger = logging.getLogger(__name__)
 
 
 class SFTTrainer(ReliableTrainerMixin, Trainer):
@@ -24,6 +29,11 @@ class SFTTrainer(ReliableTrainerMixin, Trainer):
         if logits_chunk_size < 1:
             raise ValueError(f"logits_chunk_size must be positive, got {logits_chunk_size}")
         super().__init__(*args, **kwargs)
+        if logits_path == "chunked" and (self.is_fsdp_enabled or is_deepspeed_zero3_enabled()):
+            # Sharded engines gather the head's weight only inside the model's forward; the head called after it
+            # would see a shard. Their SFT runs through the model's own loss (docs/scale_out.md).
+            logger.warning('logits_path: "chunked" runs as "model" under FSDP / ZeRO-3 (the output head is sharded)')
+            logits_path = "model"
         self.logits_path = logits_path
         self.logits_chunk_size = logits_chunk_size
         if logits_path == "chunked":
