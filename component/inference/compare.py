@@ -132,9 +132,13 @@ def duel(rows: list[dict[str, Any]], others: list[dict[str, Any]]) -> dict[str, 
 
 
 def add_reward_scores(rows: list[dict[str, Any]], questions: list[Question], scorer: RewardScorer) -> None:
-    conversations = [questions[row["index"]].conversation(row["answer"]) for row in rows]
-    for row, score in zip(rows, scorer(conversations)):
-        row["reward"] = None if math.isnan(score) else score  # NaN: the reward model could not fit the answer
+    """Each distinct (question, answer) is scored once: two models giving the same answer tie exactly, whatever
+    batch their rows would have been scored in."""
+    keys = [(row["index"], row["answer"]) for row in rows]
+    distinct = list(dict.fromkeys(keys))
+    scores = dict(zip(distinct, scorer([questions[index].conversation(answer) for index, answer in distinct])))
+    for row, key in zip(rows, keys):
+        row["reward"] = None if math.isnan(scores[key]) else scores[key]  # NaN: the RM could not fit the answer
 
 
 def summarize(rows: list[dict[str, Any]], settings_list: list[GenerationSettings]) -> dict[str, Any]:

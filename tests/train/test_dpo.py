@@ -258,6 +258,7 @@ def dpo_args(tmp_path: Path, model: Path, **overrides) -> str:
         save_strategy="no",
         logging_steps=1,
         warmup_steps=0,
+        sft_weight=0.0,  # plain DPO: the demo config adds an SFT term
         report_to=[],
     )
     values.update(overrides)
