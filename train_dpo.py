@@ -24,14 +24,13 @@ if __name__ == "__main__":  # --help and a missing train-args file answer before
 from transformers import set_seed
 
 from component.config.parser import run_cli, usage
-from component.config.training import TRAIN_ARGS_FLAG, load_arguments, recipe_fields
+from component.config.training import TRAIN_ARGS_FLAG, recipe_fields
 from component.data.collators import PairCollator
 from component.data.pairwise import prepare_pair_data, show_pair
-from component.data.template import get_template
-from component.model.loader import load_model, load_tokenizer
+from component.model.loader import load_model
 from component.train.batching import packing_row_tokens, use_packing
 from component.train.dpo import DPOTrainer
-from component.train.recipe import finish_training, lock_output_dir, record_data, resolve_resume, setup_logging
+from component.train.recipe import finish_training, record_data, resolve_resume, start_recipe
 from component.train.reference import choose_reference
 
 logger = logging.getLogger("train_dpo")
@@ -40,12 +39,8 @@ PLOT_KEYS = ("loss", "eval_loss", "rewards/margins", "eval_rewards/accuracies")
 
 
 def main(argv: list[str], callbacks: list | None = None) -> DPOTrainer | None:
-    args, training_args = load_arguments(argv, DPOArguments, prog="train_dpo.py")
-    setup_logging(training_args)
-    lock = lock_output_dir(training_args)  # one run per output_dir: before anything is written there
+    args, training_args, lock, tokenizer, template = start_recipe(argv, DPOArguments, "train_dpo.py")
 
-    tokenizer = load_tokenizer(args.model_name_or_path, args.trust_remote_code)
-    template = get_template(args.template, tokenizer)
     data = prepare_pair_data(args, template, training_args, with_labels=True)
     columns = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")
     record_data(args, training_args, data, columns, lambda first: show_pair(tokenizer, first), unit="pairs")

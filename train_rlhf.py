@@ -25,12 +25,11 @@ from transformers import set_seed
 
 from component.config.generation import resolve_settings
 from component.config.parser import run_cli, usage
-from component.config.training import TRAIN_ARGS_FLAG, load_arguments, recipe_fields
+from component.config.training import TRAIN_ARGS_FLAG, recipe_fields
 from component.data.prompts import prepare_prompt_data
-from component.data.template import get_template
 from component.inference.scoring import load_reward_scorer
-from component.model.loader import load_model, load_tokenizer
-from component.train.recipe import finish_training, lock_output_dir, record_data, resolve_resume, setup_logging
+from component.model.loader import load_model
+from component.train.recipe import finish_training, record_data, resolve_resume, start_recipe
 from component.train.reference import REFERENCE_ADAPTER
 from component.train.rlhf import RLTrainer, load_reward_function
 
@@ -40,12 +39,10 @@ PLOT_KEYS = ("loss", "rewards/total/mean", "kl", "completions/mean_length")
 
 
 def main(argv: list[str], callbacks: list | None = None) -> RLTrainer | None:
-    args, training_args = load_arguments(argv, RLArguments, prog="train_rlhf.py")
-    setup_logging(training_args)
-    lock = lock_output_dir(training_args)  # one run per output_dir: before anything is written there
+    args, training_args, lock, tokenizer, template = start_recipe(
+        argv, RLArguments, "train_rlhf.py", padding_side="left"
+    )
 
-    tokenizer = load_tokenizer(args.model_name_or_path, args.trust_remote_code, padding_side="left")
-    template = get_template(args.template, tokenizer)
     data = prepare_prompt_data(args, template, training_args)
     record_data(
         args,

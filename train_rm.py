@@ -23,14 +23,13 @@ if __name__ == "__main__":  # --help and a missing train-args file answer before
 from transformers import set_seed
 
 from component.config.parser import run_cli, usage
-from component.config.training import TRAIN_ARGS_FLAG, load_arguments, recipe_fields
+from component.config.training import TRAIN_ARGS_FLAG, recipe_fields
 from component.data.collators import PairCollator
 from component.data.pairwise import prepare_reward_data
-from component.data.template import get_template
-from component.model.loader import load_model, load_tokenizer
+from component.model.loader import load_model
 from component.model.reward_head import SCORE_HEAD, train_score_head_in_fp32
 from component.train.batching import packing_row_tokens, use_packing
-from component.train.recipe import finish_training, lock_output_dir, record_data, resolve_resume, setup_logging
+from component.train.recipe import finish_training, record_data, resolve_resume, start_recipe
 from component.train.reward import RewardTrainer
 
 logger = logging.getLogger("train_rm")
@@ -39,12 +38,8 @@ PLOT_KEYS = ("loss", "eval_loss", "eval_accuracy", "eval_margin")
 
 
 def main(argv: list[str], callbacks: list | None = None) -> RewardTrainer | None:
-    args, training_args = load_arguments(argv, RewardArguments, prog="train_rm.py")
-    setup_logging(training_args)
-    lock = lock_output_dir(training_args)  # one run per output_dir: before anything is written there
+    args, training_args, lock, tokenizer, template = start_recipe(argv, RewardArguments, "train_rm.py")
 
-    tokenizer = load_tokenizer(args.model_name_or_path, args.trust_remote_code)
-    template = get_template(args.template, tokenizer)
     data = prepare_reward_data(args, template, training_args)
     record_data(
         args,

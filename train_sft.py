@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from component.config.training import check_usage_early
+from component.config.training import FinetuneArguments, check_usage_early
 
 if __name__ == "__main__":  # --help and a missing train-args file answer before torch loads
     check_usage_early(sys.argv[1:], "train_sft.py", __doc__)
@@ -23,24 +23,19 @@ if __name__ == "__main__":  # --help and a missing train-args file answer before
 from transformers import Trainer, set_seed
 
 from component.config.parser import run_cli, usage
-from component.config.training import TRAIN_ARGS_FLAG, load_arguments, recipe_fields
+from component.config.training import TRAIN_ARGS_FLAG, recipe_fields
 from component.data.supervised import prepare_sft_data, show_trained_spans
-from component.data.template import get_template
-from component.model.loader import load_model, load_tokenizer
+from component.model.loader import load_model
 from component.train.batching import make_collator, use_packing
-from component.train.recipe import finish_training, lock_output_dir, record_data, resolve_resume, setup_logging
+from component.train.recipe import finish_training, record_data, resolve_resume, start_recipe
 from component.train.sft import SFTTrainer
 
 logger = logging.getLogger("train_sft")
 
 
 def main(argv: list[str], callbacks: list | None = None) -> Trainer | None:
-    args, training_args = load_arguments(argv, prog="train_sft.py")
-    setup_logging(training_args)
-    lock = lock_output_dir(training_args)  # one run per output_dir: before anything is written there
+    args, training_args, lock, tokenizer, template = start_recipe(argv, FinetuneArguments, "train_sft.py")
 
-    tokenizer = load_tokenizer(args.model_name_or_path, args.trust_remote_code)
-    template = get_template(args.template, tokenizer)
     data = prepare_sft_data(args, template, training_args)
     record_data(
         args,

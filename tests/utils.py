@@ -86,3 +86,25 @@ class StopAfterStepCallback(TrainerCallback):
         if state.global_step >= self.step:
             control.should_training_stop = True
         return control
+
+
+def shipped_config(folder: str, name: str, tmp_path: Path, model: Path, data: Path, **overrides) -> str:
+    """config/<folder>/<name> as shipped, with the model, every data path and the outputs pointed into the test."""
+    values = json.loads((REPO / "config" / folder / name).read_text(encoding="utf-8"))
+
+    def local(spec):
+        if isinstance(spec, list):
+            return [local(s) for s in spec]
+        return {**spec, "path": str(data)} if isinstance(spec, dict) else str(data)
+
+    values.update(
+        model_name_or_path=str(model),
+        train_file=local(values["train_file"]),
+        eval_file=local(values["eval_file"]),
+        output_dir=str(tmp_path / "out"),
+        data_cache_dir=str(tmp_path / "cache"),
+        **overrides,
+    )
+    path = tmp_path / name
+    path.write_text(json.dumps(values), encoding="utf-8")
+    return str(path)

@@ -7,11 +7,14 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, NamedTuple
 
 from transformers import TrainingArguments
 
-from component.config.training import FinetuneArguments, save_resolved
+from component.config.training import FinetuneArguments, load_arguments, save_resolved
 from component.data.pipeline import NoDataError, PreparedData, write_data_report
+from component.data.template import Template, get_template
+from component.model.loader import load_tokenizer
 from component.train.checkpoints import (
     COMPLETE_MARKER,
     CheckpointError,
@@ -45,6 +48,25 @@ def lock_output_dir(training_args: TrainingArguments) -> OutputDirLock | None:
     if training_args.process_index != 0:
         return None
     return OutputDirLock(training_args.output_dir).acquire()
+
+
+class RecipeStart(NamedTuple):
+    """What every recipe has before it reads data: settings, the output_dir lock, tokenizer and template."""
+
+    args: FinetuneArguments
+    training_args: TrainingArguments
+    lock: OutputDirLock | None
+    tokenizer: Any
+    template: Template
+
+
+def start_recipe(argv: list[str], ours: type[FinetuneArguments], prog: str, padding_side: str = "right") -> RecipeStart:
+    """Settings (validated), logging, the output_dir lock (before anything is written there), tokenizer, template."""
+    args, training_args = load_arguments(argv, ours, prog=prog)
+    setup_logging(training_args)
+    lock = lock_output_dir(training_args)
+    tokenizer = load_tokenizer(args.model_name_or_path, args.trust_remote_code, padding_side=padding_side)
+    return RecipeStart(args, training_args, lock, tokenizer, get_template(args.template, tokenizer))
 
 
 def record_data(

@@ -19,7 +19,7 @@ from component.data.pairwise import encode_pair
 from component.data.template import IGNORE_INDEX, get_template
 from component.train.dpo import preference_loss, sequence_logps
 from component.train.lm_head import OutputHead, token_logprobs
-from tests.utils import REPO
+from tests.utils import REPO, shipped_config
 
 DEMO_PAIRS = [json.loads(line) for line in (REPO / "data/demo/preference_train.jsonl").read_text("utf-8").splitlines()]
 
@@ -358,28 +358,6 @@ def test_unknown_loss_type_names_the_choices(tiny_llama_dir, tmp_path):
         train_dpo.main(["--train_args_file", dpo_args(tmp_path, tiny_llama_dir), "--loss_type", "simpoo"])
 
 
-def shipped_dpo_config(tmp_path: Path, name: str, model: Path, data: Path, **overrides) -> str:
-    """config/dpo/<name> as shipped, with the model, every data path and the outputs pointed into the test."""
-    values = json.loads((REPO / "config" / "dpo" / name).read_text(encoding="utf-8"))
-
-    def local(spec):
-        if isinstance(spec, list):
-            return [local(s) for s in spec]
-        return {**spec, "path": str(data)} if isinstance(spec, dict) else str(data)
-
-    values.update(
-        model_name_or_path=str(model),
-        train_file=local(values["train_file"]),
-        eval_file=local(values["eval_file"]),
-        output_dir=str(tmp_path / "out"),
-        data_cache_dir=str(tmp_path / "cache"),
-        **overrides,
-    )
-    path = tmp_path / name
-    path.write_text(json.dumps(values), encoding="utf-8")
-    return str(path)
-
-
 @pytest.mark.slow
 def test_baichuan_13b_qlora_config_continues_an_sft_adapter(tmp_path, baichuan_13b_folder, shared_fixtures):
     from peft import LoraConfig, get_peft_model
@@ -390,8 +368,8 @@ def test_baichuan_13b_qlora_config_continues_an_sft_adapter(tmp_path, baichuan_1
     base = BaichuanForCausalLM.from_pretrained(baichuan_13b_folder)
     get_peft_model(base, LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM")).save_pretrained(sft)
     data = shared_fixtures / "datasets" / "rlhf-reward-single-round-trans_chinese.handmade.parquet"
-    args_file = shipped_dpo_config(
-        tmp_path, "lora_config.json", baichuan_13b_folder, data, adapter_name_or_path=str(sft)
+    args_file = shipped_config(
+        "dpo", "lora_config.json", tmp_path, baichuan_13b_folder, data, adapter_name_or_path=str(sft)
     )
     overrides = ["--max_steps", "2", "--bf16", "false", "--optim", "adamw_torch", "--report_to", "none"]
     trainer = train_dpo.main(["--train_args_file", args_file, *overrides])
@@ -408,7 +386,7 @@ def test_hh_rlhf_qwen_config_dry_run(tmp_path, tiny_llama_dir, shared_fixtures):
     train_dpo.main(
         [
             "--train_args_file",
-            shipped_dpo_config(tmp_path, "hh_rlhf_qwen.json", tiny_llama_dir, data),
+            shipped_config("dpo", "hh_rlhf_qwen.json", tmp_path, tiny_llama_dir, data),
             "--dry_run",
             "true",
         ]

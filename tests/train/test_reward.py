@@ -22,7 +22,7 @@ from component.inference.scoring import load_reward_model, score_conversations
 from component.model.loader import load_tokenizer, quantization_config
 from component.model.reward_head import last_token_index, sequence_scores
 from component.train.reward import compute_metrics, pairwise_loss, pairwise_metrics
-from tests.utils import REPO
+from tests.utils import REPO, shipped_config
 
 PAIR = PreferencePair("把 4071 逐位写成汉字", "四零七一", "四零七二")
 DEMO_PAIRS = [json.loads(line) for line in (REPO / "data/demo/preference_train.jsonl").read_text("utf-8").splitlines()]
@@ -357,30 +357,10 @@ def test_resume_after_a_stop_matches_an_uninterrupted_run(small_run):
 
 
 # --- the shipped configs ----------------------------------------------------------------------------
-def shipped_rm_config(tmp_path: Path, name: str, model: Path, data: Path, **overrides) -> str:
-    """config/rm/<name> as shipped, with the model, every data path and the outputs pointed into the test."""
-    values = json.loads((REPO / "config" / "rm" / name).read_text(encoding="utf-8"))
-
-    def local(spec):
-        if isinstance(spec, list):
-            return [local(s) for s in spec]
-        return {**spec, "path": str(data)} if isinstance(spec, dict) else str(data)
-
-    values.update(
-        model_name_or_path=str(model),
-        train_file=local(values["train_file"]),
-        eval_file=local(values["eval_file"]),
-        output_dir=str(tmp_path / "out"),
-        data_cache_dir=str(tmp_path / "cache"),
-        **overrides,
-    )
-    return write_args(tmp_path, name.removesuffix(".json"), **values)
-
-
 @pytest.mark.slow
 def test_baichuan_13b_qlora_config_dry_run_and_two_steps(tmp_path, baichuan_13b_folder, shared_fixtures):
     data = shared_fixtures / "datasets" / "rlhf-reward-single-round-trans_chinese.handmade.parquet"
-    args_file = shipped_rm_config(tmp_path, "lora_config.json", baichuan_13b_folder, data)
+    args_file = shipped_config("rm", "lora_config.json", tmp_path, baichuan_13b_folder, data)
     train_rm.main(["--train_args_file", args_file, "--dry_run", "true"])
     report = json.loads((tmp_path / "out" / "data_report.json").read_text(encoding="utf-8"))
     assert report["sources"][0]["format"] == "prompt_chosen_rejected" and report["examples"] == 4
@@ -394,7 +374,7 @@ def test_baichuan_13b_qlora_config_dry_run_and_two_steps(tmp_path, baichuan_13b_
 @pytest.mark.slow
 def test_hh_rlhf_qwen_config_dry_run(tmp_path, tiny_llama_dir, shared_fixtures):
     data = shared_fixtures / "datasets" / "hh-rlhf.handmade.jsonl.gz"
-    train_rm.main(["--train_args_file", shipped_rm_config(tmp_path, "hh_rlhf_qwen.json", tiny_llama_dir, data)])
+    train_rm.main(["--train_args_file", shipped_config("rm", "hh_rlhf_qwen.json", tmp_path, tiny_llama_dir, data)])
     report = json.loads((tmp_path / "out" / "data_report.json").read_text(encoding="utf-8"))
     assert [s["format"] for s in report["sources"]] == ["hh_rlhf", "hh_rlhf"]
     assert report["examples"] == 12  # 6 pairs, listed twice
