@@ -28,11 +28,24 @@ from component.train.guards import OutputDirLock, check_finite_weights
 logger = logging.getLogger(__name__)
 
 
+class StdoutHandler(logging.StreamHandler):
+    """Writes to whatever sys.stdout is at the time of each record (not the stream of the moment it was made):
+    a caller that redirects or closes stdout later (a notebook, a test's capture) never gets a dead stream."""
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 def setup_logging(training_args: TrainingArguments) -> None:
     """Progress on rank 0 only; warnings everywhere."""
     level = logging.INFO if training_args.process_index == 0 else logging.WARNING
     logging.basicConfig(
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=level, stream=sys.stdout, force=True
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=level, handlers=[StdoutHandler()], force=True
     )
     import datasets
     import transformers
