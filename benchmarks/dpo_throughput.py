@@ -27,7 +27,6 @@ import os
 import random
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,7 +35,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.sft_throughput import MODEL_CONFIG, load_average, machine, text_of_tokens  # noqa: E402
+from benchmarks.sft_throughput import MODEL_CONFIG, load_average, machine, run_worker, text_of_tokens  # noqa: E402
 
 MODES = {"ours_default": "ours: default (packed pairs)", "ours_padded": "ours: padded", "trl_default": "TRL DPOTrainer"}
 LORA = {"lora_rank": 16, "lora_alpha": 32, "lora_dropout": 0.0}
@@ -244,11 +243,7 @@ def main(argv: list[str]) -> None:
             for mode in modes[repeat % len(modes) :] + modes[: repeat % len(modes)]:
                 command = [sys.executable, __file__, "--worker", mode, "--workdir", str(workdir)]
                 command += ["--batch-size", str(options.batch_size), "--threads", str(options.threads)]
-                done = subprocess.run(command, capture_output=True, text=True)
-                lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-                if done.returncode != 0 or not lines:
-                    raise SystemExit(f"{mode} failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}")
-                run = json.loads(lines[-1][len("RESULT ") :])
+                run = run_worker(command, mode)
                 runs[mode].append(run)
                 print(f"  [{repeat + 1}/{options.repeats}] {mode}: {run['pairs_per_s']:.2f} pairs/s, "
                       f"{run['peak_rss_mib']:.0f} MiB (load {load_average()})", flush=True)  # fmt: skip

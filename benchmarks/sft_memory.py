@@ -28,7 +28,6 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,7 +37,14 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from sft_throughput import MODEL_CONFIG, CountingCollator, firefly_records, load_average, machine  # noqa: E402
+from sft_throughput import (  # noqa: E402
+    MODEL_CONFIG,
+    CountingCollator,
+    firefly_records,
+    load_average,
+    machine,
+    run_worker,
+)
 
 MODES = {
     "ours_default": 'ours: default (logits_path: "chunked")',
@@ -263,11 +269,7 @@ def main(argv: list[str]) -> None:
                     command = [sys.executable, __file__, "--worker", mode, "--worker-vocab", str(vocab)]
                     command += ["--workdir", str(workdir), "--max-length", str(options.max_length)]
                     command += ["--batch-size", str(options.batch_size), "--threads", str(options.threads)]
-                    done = subprocess.run(command, capture_output=True, text=True)
-                    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-                    if done.returncode != 0 or not lines:
-                        raise SystemExit(f"{mode} {vocab} failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}")
-                    run = json.loads(lines[-1][len("RESULT ") :])
+                    run = run_worker(command, f"{mode} {vocab}")
                     runs[(vocab, mode)].append(run)
                     print(f"  [{repeat + 1}/{options.repeats}] vocab {vocab} {mode}: "
                           f"{run['label_tokens_per_s']:.0f} label tokens/s, peak {run['peak_rss_mib']:.0f} MiB, "

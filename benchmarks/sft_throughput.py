@@ -398,6 +398,15 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def run_worker(command: list[str], what: str) -> dict:
+    """One benchmark run in its own process (so peak memory is per run): the dict of its RESULT line."""
+    done = subprocess.run(command, capture_output=True, text=True)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode != 0 or not lines:
+        raise SystemExit(f"{what} failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}")
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
 def load_average() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
@@ -449,11 +458,7 @@ def main(argv: list[str]) -> None:
                 command = [sys.executable, __file__, "--worker", mode, "--workdir", str(workdir)]
                 command += ["--max-length", str(options.max_length), "--batch-size", str(options.batch_size)]
                 command += ["--threads", str(options.threads), "--seed", str(options.seed)]
-                done = subprocess.run(command, capture_output=True, text=True)
-                lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-                if done.returncode != 0 or not lines:
-                    raise SystemExit(f"{mode} failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}")
-                run = json.loads(lines[-1][len("RESULT ") :])
+                run = run_worker(command, mode)
                 runs[mode].append(run)
                 print(f"  [{repeat + 1}/{options.repeats}] {mode}: {run['label_tokens_per_s']:.0f} label tokens/s, "
                       f"{run['wall_s']:.1f} s (load {load_average()})", flush=True)  # fmt: skip
