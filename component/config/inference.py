@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from component.config.choices import MERGE_DTYPES, QUANTIZATIONS, TEMPLATES
+from component.config.choices import EXPORT_FORMATS, GGUF_TYPES, MERGE_DTYPES, ONNX_DTYPES, QUANTIZATIONS, TEMPLATES
 from component.config.generation import GENERATION_KEYS, PRESETS, SAMPLING_KEYS, GenerationSettings, resolve_settings
 from component.config.parser import (
     ConfigError,
@@ -196,6 +196,39 @@ class MergeOptions:
         for key in ("adapter", "output_dir"):
             if not getattr(self, key):
                 raise ConfigError(f"missing '{key}', in --config or on the command line")
+
+
+@dataclass
+class ExportOptions:
+    """Export a model (a base + LoRA adapter, or a merged folder) as a transformers folder, GGUF or ONNX."""
+
+    format: str = field(default="hf", metadata=choices(*EXPORT_FORMATS, help="hf (merged folder), gguf or onnx."))
+    model_name_or_path: str | None = field(
+        default=None, metadata=_help("Base or merged model folder; default: the adapter's base_model_name_or_path.")
+    )
+    adapter: str | None = field(default=None, metadata=_help("LoRA adapter folder to merge first (optional)."))
+    output_dir: str | None = field(default=None, metadata=_help("Where the exported files go."))
+    dtype: str = field(
+        default="bfloat16",
+        metadata=choices(*MERGE_DTYPES, help="hf: dtype of the merged weights; onnx: see onnx_dtype."),
+    )
+    gguf_type: str = field(default="f16", metadata=choices(*GGUF_TYPES, help="gguf: tensor type of the weights."))
+    onnx_dtype: str = field(default="float32", metadata=choices(*ONNX_DTYPES, help="onnx: dtype of the graph."))
+    opset: int | None = field(default=None, metadata=_help("onnx: opset version; default: the exporter's."))
+    quantization: str | None = field(
+        default=None, metadata=choices(*QUANTIZATIONS, help="Refused: exporting needs a 16-bit base.")
+    )
+    trust_remote_code: bool = field(default=False, metadata=_help("Run Python files shipped with the model."))
+
+    def validate(self) -> None:
+        if not self.output_dir:
+            raise ConfigError("missing 'output_dir', in --config or on the command line")
+        if not self.adapter and not self.model_name_or_path:
+            raise ConfigError("give 'model_name_or_path' (a merged or base folder) and/or 'adapter'")
+        _require_folder("model_name_or_path", self.model_name_or_path, "a local model folder")
+        _require_folder("adapter", self.adapter, "a LoRA output_dir")
+        if self.opset is not None and self.opset < 7:
+            raise ConfigError(f"'opset' must be at least 7, got {self.opset}")
 
 
 def read_generation_config(path: str | None) -> dict[str, Any]:

@@ -72,3 +72,17 @@ def merge_adapter(
     if (Path(adapter) / "train_args.json").is_file():  # keeps the template choice with the weights
         (output / "train_args.json").write_bytes((Path(adapter) / "train_args.json").read_bytes())
     return output
+
+
+def export_hf(options) -> Path:
+    """export.py --format hf: merge `options.adapter` (required here) into its base."""
+    if not options.adapter:
+        raise ConfigError("--format hf merges an adapter: give 'adapter' (a merged folder is already exported)")
+    return merge_adapter(
+        options.adapter,
+        options.output_dir,
+        options.model_name_or_path,
+        options.dtype,
+        options.quantization,
+        options.trust_remote_code,
+    )
