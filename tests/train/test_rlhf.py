@@ -186,6 +186,9 @@ def test_rloo_qwen_config_reads_prompts_from_a_preference_file(tmp_path, tiny_ll
 
     text = load_tokenizer(str(tiny_llama_dir)).decode(preview["prompt_ids"])
     assert text.endswith("<|im_start|>assistant\n")  # the generation prompt of the chat template
+    prompts = [json.loads(line) for line in (tmp_path / "out/prompts.jsonl").read_text().splitlines()]
+    assert len(prompts) == 5 and prompts[0]["prompt"].endswith("assistant\n")  # for OpenRLHF / verl
+    assert prompts[0]["question"] in prompts[0]["prompt"] and prompts[0]["reference"]
 
 
 def test_ppo_learns_and_saves_its_value_head(tiny_llama_dir, tmp_path):
