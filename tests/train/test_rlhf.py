@@ -142,6 +142,16 @@ def test_settings_that_cannot_work_name_the_key(tiny_llama_dir, tmp_path):
         train_rlhf.main(["--train_args_file", rl_args(tmp_path, tiny_llama_dir, algorithm="rloo", num_generations=1)])
     with pytest.raises(ConfigError, match="leaves no room"):
         train_rlhf.main(["--train_args_file", rl_args(tmp_path, tiny_llama_dir, max_new_tokens=64)])
+    with pytest.raises(ConfigError, match="PPO keys out of range"):
+        train_rlhf.main(["--train_args_file", rl_args(tmp_path, tiny_llama_dir, algorithm="ppo", lam=1.5)])
+
+
+def test_a_reward_model_that_is_not_one_is_refused(tiny_llama_dir, tmp_path):
+    from component.config.errors import UserFacingError
+
+    args = rl_args(tmp_path, tiny_llama_dir, reward_model=str(tiny_llama_dir))  # a causal LM, not a train_rm.py output
+    with pytest.raises(UserFacingError, match="expected a train_rm.py output_dir"):
+        train_rlhf.main(["--train_args_file", args])
 
 
 def shipped_rl_config(tmp_path: Path, name: str, model: Path, data: Path, **overrides) -> str:
