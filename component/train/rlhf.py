@@ -11,6 +11,7 @@ the policy's base: the adapter switched off, or a frozen copy of a continued ada
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import math
@@ -91,15 +92,17 @@ def completion_logps(
     chunk: int = DEFAULT_CHUNK_SIZE,
     entropy: bool = False,
     value_head: nn.Module | None = None,
+    temperature: float = 1.0,
 ) -> CompletionStats:
-    """Per-token log-probs of the completion tokens from one decoder pass; with `entropy`, the per-token entropy;
-    with a `value_head`, its values on the same hidden states. Logits only at completion positions, in chunks."""
+    """Per-token log-probs of the completion tokens from one decoder pass, of the logits / `temperature` (the
+    distribution sampled from); with `entropy`, the per-token entropy; with a `value_head`, its values on the same
+    hidden states. Logits only at completion positions, in chunks."""
     inputs = {key: batch[key] for key in ("input_ids", "attention_mask", "position_ids")}
     hidden = decoder_hidden_states(model, inputs)
     prompt = batch["input_ids"].shape[1] - batch["completion_ids"].shape[1]
     mask = batch["completion_mask"].bool()
     states = hidden[:, prompt - 1 : -1][mask]  # position t predicts token t + 1
-    head = OutputHead.of(model)
+    head = dataclasses.replace(OutputHead.of(model), temperature=temperature)
     values = token_logprobs(states, batch["completion_ids"][mask], head, chunk)
 
     def spread(flat: torch.Tensor) -> torch.Tensor:
@@ -167,6 +170,7 @@ class RLTrainer(ReliableTrainerMixin, Trainer):
         self.reward_function, self.reward_function_weight = reward_function, reward_function_weight
         self.mask_truncated_completions = mask_truncated_completions
         self.chunk = chunk
+        self.temperature = settings.temperature if settings.do_sample else 1.0  # log-probs of what is sampled
         self.model_accepts_loss_kwargs = False
         self.label_names = []
         self._rollouts: dict[tuple, dict] = {}
@@ -264,9 +268,11 @@ class RLTrainer(ReliableTrainerMixin, Trainer):
         }
         model = self.model
         with torch.no_grad():
-            old_logps, entropy, values = completion_logps(model, batch, self.chunk, True, self.value_head)
+            old_logps, entropy, values = completion_logps(
+                model, batch, self.chunk, True, self.value_head, self.temperature
+            )
             with as_reference(model, self.reference) as reference:
-                ref_logps = completion_logps(reference, batch, self.chunk).logps
+                ref_logps = completion_logps(reference, batch, self.chunk, temperature=self.temperature).logps
         batch.update(old_logps=old_logps, ref_logps=ref_logps)
         if values is not None:
             batch["old_values"] = values
@@ -313,7 +319,9 @@ class RLTrainer(ReliableTrainerMixin, Trainer):
 
     # --- the loss -------------------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        logps, _, values = completion_logps(model, inputs, self.chunk, value_head=self.value_head)
+        logps, _, values = completion_logps(
+            model, inputs, self.chunk, value_head=self.value_head, temperature=self.temperature
+        )
         mask = inputs["completion_mask"]
         # One pass per rollout: the rollout's log-probs are these (ratio exactly 1); later passes use the stored ones.
         old = logps.detach() if self.num_iterations == 1 else inputs["old_logps"]
