@@ -15,6 +15,9 @@ demo: setup
 	$(PYTHON) train_sft.py --train_args_file config/demo/sft_lora.json
 	$(PYTHON) train_rm.py --train_args_file config/demo/rm_lora.json
 	$(PYTHON) train_dpo.py --train_args_file config/dpo/demo_lora.json
+	$(PYTHON) train_sft.py --train_args_file config/demo/sft_lora.json --output_dir $(DEMO)/sft_short \
+		--max_steps 80 --warmup_steps 10 --eval_strategy no --save_strategy no
+	$(PYTHON) train_rlhf.py --train_args_file config/rlhf/demo_grpo.json
 	$(PYTHON) generate.py compare --config config/demo/compare.json
 
 test: setup
