@@ -137,21 +137,21 @@ class WebBackend:
     def compare(self, query: str, settings: GenerationSettings, session: str = "") -> Iterator[CompareView]:
         """Every model's answer to `query` in turn, streamed, then the reward scores (when not stopped)."""
         prompt = self.template.encode_prompt([], query, self.system)
-        view = CompareView({label: "" for label in self.variants}, self.render(prompt))
+        rendered = self.render(prompt)
+        answers = {label: "" for label in self.variants}
         with self._turn(session) as stop:
             for label, switch in self.variants.items():
                 if stop.is_set():
                     break
                 torch.manual_seed(settings.seed)  # each model draws the same random numbers, as in compare
                 with switch():
-                    for view.answers[label] in stream_answer(
+                    for answers[label] in stream_answer(
                         self.model, self.tokenizer, self.template, prompt, settings, self.context, stop
                     ):
-                        yield view
-            view.stopped = stop.is_set()
-            if self.scorer is not None and not view.stopped:
-                view.scores = self.score(query, view.answers)
-        yield view
+                        yield CompareView(dict(answers), rendered)
+            stopped = stop.is_set()
+            scores = self.score(query, answers) if self.scorer is not None and not stopped else None
+        yield CompareView(answers, rendered, scores, stopped)
 
     def score(self, query: str, answers: dict[str, str]) -> dict[str, float | None]:
         """Reward of each answer to `query` (None where the reward model cannot fit it), as `generate.py score`."""

@@ -52,7 +52,7 @@ def score_line(label: str, view: CompareView) -> str:
     score = view.scores[label]
     if score is None:
         return "reward: n/a (does not fit the reward model)"
-    return f"reward: **{score:.4f}**" + (" 🏆 winner" if label in view.winners() else "")
+    return f"reward: **{score:.4f}**" + (" · **winner**" if label in view.winners() else "")
 
 
 def build_page(backend: WebBackend, heading: str = "") -> gr.Blocks:
