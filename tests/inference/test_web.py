@@ -7,6 +7,7 @@ Screenshots of both tabs go to $WEB_SCREENSHOT_DIR when set (`make web-screensho
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import io
 import json
@@ -76,7 +77,7 @@ class Server:
         return url
 
     def stop(self) -> None:
-        self.process.send_signal(signal.SIGINT)
+        self.process.send_signal(signal.SIGTERM)
         try:
             self.process.wait(timeout=15)
         except subprocess.TimeoutExpired:
@@ -170,20 +171,25 @@ def wait_for_answer(page, count: int, length: int) -> str:
     return bot_messages(page)[count - 1].strip()
 
 
-def cli_chat_answers(models: dict[str, str], lines: list[str], monkeypatch, capsys) -> list[str]:
-    """`generate.py chat` greedy with the sft adapter, run in-process on `lines` of stdin."""
+@pytest.fixture(scope="module")
+def cli_answers(server, web_models) -> list[str]:
+    """`generate.py chat` greedy with the sft adapter on two lines of stdin, run in-process while the server
+    starts."""
     import generate
 
-    argv = ["chat", "--model_name_or_path", models["base"], "--adapter", models["sft"]]
-    monkeypatch.setattr(sys, "stdin", io.StringIO("".join(f"{line}\n" for line in lines)))
-    capsys.readouterr()
-    generate.main([*argv, "--preset", "greedy", "--max_new_tokens", str(ANSWER_TOKENS)])
-    out = capsys.readouterr().out
-    return [line.removeprefix("Assistant: ") for line in out.splitlines() if line.startswith("Assistant: ")]
+    argv = ["chat", "--model_name_or_path", web_models["base"], "--adapter", web_models["sft"], "--preset", "greedy"]
+    stdin, sys.stdin = sys.stdin, io.StringIO(f"{QUESTION}\n再见\n")
+    try:
+        with contextlib.redirect_stdout(io.StringIO()) as out:
+            generate.main([*argv, "--max_new_tokens", str(ANSWER_TOKENS)])
+    finally:
+        sys.stdin = stdin
+    lines = out.getvalue().splitlines()
+    return [line.removeprefix("Assistant: ") for line in lines if line.startswith("Assistant: ")]
 
 
-def test_chat_streams_the_same_answers_as_generate_py_chat(page, web_models, monkeypatch, capsys, tmp_path):
-    expected = cli_chat_answers(web_models, [QUESTION, "再见"], monkeypatch, capsys)
+def test_chat_streams_the_same_answers_as_generate_py_chat(cli_answers, page, tmp_path):
+    expected = cli_answers
     assert [len(answer) for answer in expected] == [ANSWER_TOKENS, ANSWER_TOKENS]
 
     send(page, QUESTION)
