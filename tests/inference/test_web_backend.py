@@ -8,19 +8,22 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
+import sys
 import threading
 
 import pytest
 
 from component.config.generation import resolve_settings
 from component.config.inference import ChatOptions, WebOptions, parse_options
-from component.config.parser import ConfigError
+from component.config.parser import ConfigError, fields_of
 from component.data.conversation import Conversation, Turn
 from component.inference.chat import ChatSession
 from component.inference.compare import Question, compare_models
 from component.inference.engine import generate_answers, stream_answer
 from component.inference.scoring import load_reward_scorer
 from component.inference.web.backend import WebBackend, load_backend
+from tests.utils import REPO
 
 QUESTION = "把 12 逐位写成汉字"
 
@@ -189,3 +192,23 @@ def test_web_options_are_checked(web_models):
         parse_options(WebOptions, [*base, "--reward_model", "missing"])
     options = parse_options(WebOptions, base)
     assert (options.host, options.port) == ("127.0.0.1", 7860)  # loopback unless told otherwise
+
+
+def test_demo_web_config_parses():
+    path = REPO / "config/demo/web.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    assert {k for k in config if not k.startswith("_")} <= set(fields_of(WebOptions))
+    folders = [config["model_name_or_path"], config["reward_model"], *(a.partition("=")[2] for a in config["adapter"])]
+    if not all((REPO / folder).is_dir() for folder in folders):
+        pytest.skip("demo models not built (make demo)")
+    options = parse_options(WebOptions, ["--config", str(path)])
+    assert list(options.adapters()) == ["sft", "dpo"] and options.settings()[0].preset == "greedy"
+
+
+def test_web_without_gradio_names_the_requirements_file(web_models, monkeypatch):
+    import generate
+
+    monkeypatch.setitem(sys.modules, "gradio", None)  # as if not installed
+    monkeypatch.delitem(sys.modules, "component.inference.web.page", raising=False)
+    with pytest.raises(ConfigError, match=r"generate.py web needs Gradio: pip install -r requirements-web.txt"):
+        generate.main(["web", "--model_name_or_path", web_models["base"]])
