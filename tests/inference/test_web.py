@@ -253,7 +253,7 @@ def test_stop_ends_a_long_generation_and_keeps_the_partial_answer(page):
     assert answer.strip() in page.locator("#rendered-prompt textarea").input_value()
 
 
-def test_a_bad_setting_shows_the_cli_message_and_the_page_stays_usable(page, web_models):
+def test_bad_settings_and_prompts_show_an_error_and_the_page_stays_usable(page, web_models):
     with pytest.raises(ConfigError) as cli:
         parse_options(
             ChatOptions, ["--model_name_or_path", web_models["base"], "--preset", "greedy", "--num_beams", "0"]
@@ -266,5 +266,9 @@ def test_a_bad_setting_shows_the_cli_message_and_the_page_stays_usable(page, web
     assert bot_messages(page) == []
 
     set_knob(page, "num_beams", 1)
+    send(page, "1" * 4100)  # one token a digit: no room left in the 4096-token context
+    page.locator(".toast-body").filter(has_text="leaves no room to answer in a context of 4096 tokens").first.wait_for()
+    assert bot_messages(page) == []
+
     send(page, QUESTION)
     assert len(wait_for_answer(page, 1, ANSWER_TOKENS)) == ANSWER_TOKENS

@@ -8,9 +8,9 @@ internet: analytics off, no share link, the theme's fonts are served locally.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterator
-from typing import Any
 
 import gradio as gr
 
@@ -36,8 +36,13 @@ INTEGER_KNOBS = ("top_k", "num_beams", "max_new_tokens")
 MODEL_CALL = {"concurrency_limit": 1, "concurrency_id": "model"}
 
 
-def user_error(error: Exception) -> gr.Error:
-    return gr.Error(str(error), title="Error", print_exception=False)
+@contextlib.contextmanager
+def shown_on_page() -> Iterator[None]:
+    """A user's error (a bad knob, a prompt with no room) becomes the page's error box; a bug keeps its traceback."""
+    try:
+        yield
+    except UserFacingError as error:
+        raise gr.Error(str(error), print_exception=False) from None
 
 
 def messages(history: list[dict[str, str]], query: str, answer: str) -> list[dict[str, str]]:
@@ -59,12 +64,6 @@ def build_page(backend: WebBackend, heading: str = "") -> gr.Blocks:
     """The page over `backend`; `heading` (markdown) names the loaded models."""
     labels = backend.labels
 
-    def settings(preset: str, knob_values: tuple) -> Any:
-        try:
-            return backend.settings(preset, dict(zip(PAGE_KNOBS, knob_values)))
-        except ConfigError as error:
-            raise user_error(error) from None
-
     # The knobs are named parameters (in PAGE_KNOBS order): Gradio passes gr.Request only to a named parameter.
     def chat(
         query: str,
@@ -80,17 +79,15 @@ def build_page(backend: WebBackend, heading: str = "") -> gr.Blocks:
         max_new_tokens: int | None,
         request: gr.Request,
     ) -> Iterator[tuple]:
-        knob_values = (temperature, top_p, top_k, num_beams, repetition_penalty, max_new_tokens)
+        knobs = dict(zip(PAGE_KNOBS, (temperature, top_p, top_k, num_beams, repetition_penalty, max_new_tokens)))
         query = (query or "").strip()
         if not query:
             raise gr.Error("Type a message first.", print_exception=False)
-        generation = settings(preset, knob_values)
         view = None
-        try:
+        with shown_on_page():
+            generation = backend.settings(preset, knobs)
             for view in backend.chat(turns, query, label, generation, request.session_hash):
                 yield "", view.history, messages(history, query, view.answer), view.prompt
-        except UserFacingError as error:
-            raise user_error(error) from None
         if view is not None and view.dropped_turns:
             gr.Info(f"{view.dropped_turns} oldest turn(s) dropped to fit the context")
 
@@ -105,26 +102,22 @@ def build_page(backend: WebBackend, heading: str = "") -> gr.Blocks:
         max_new_tokens: int | None,
         request: gr.Request,
     ) -> Iterator[list]:
-        knob_values = (temperature, top_p, top_k, num_beams, repetition_penalty, max_new_tokens)
+        knobs = dict(zip(PAGE_KNOBS, (temperature, top_p, top_k, num_beams, repetition_penalty, max_new_tokens)))
         query = (query or "").strip()
         if not query:
             raise gr.Error("Type a question first.", print_exception=False)
-        generation = settings(preset, knob_values)
-        try:
+        with shown_on_page():
+            generation = backend.settings(preset, knobs)
             for view in backend.compare(query, generation, request.session_hash):
                 answers = [view.answers[label] for label in labels]
                 yield [*answers, *(score_line(label, view) for label in labels), view.prompt]
-        except UserFacingError as error:
-            raise user_error(error) from None
 
     def stop(request: gr.Request) -> None:
         backend.stop(request.session_hash)
 
     def preset_changed(preset: str) -> list:
-        try:
+        with shown_on_page():
             return list(backend.preset_knobs(preset).values())
-        except ConfigError as error:
-            raise user_error(error) from None
 
     start = backend.start_knobs()
     with gr.Blocks(analytics_enabled=False, title="LLM_training web") as page:
