@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
 from typing import TextIO
 
 import torch
@@ -16,6 +18,7 @@ from component.inference.engine import (
     generate_kwargs,
     model_device,
     room_to_answer,
+    stream_answer,
 )
 
 
@@ -79,6 +82,18 @@ class ChatSession:
             stream.write(answer)
         self.history.append(Turn(query, answer))
         return answer
+
+    def stream(self, query: str, stop: threading.Event | None = None) -> Iterator[str]:
+        """`ask` as a generator of the answer so far (the web page); setting `stop` ends it early, and the
+        answer given so far joins the history."""
+        prompt = self.build_prompt(query)
+        self.last_prompt_ids = prompt
+        answer = ""
+        for answer in stream_answer(
+            self.model, self.tokenizer, self.template, prompt, self.settings, self.context, stop
+        ):
+            yield answer
+        self.history.append(Turn(query, answer))
 
 
 CHAT_HELP = "Type a message; /reset clears the history, /exit (or end of input) quits."

@@ -83,12 +83,7 @@ def compare_models(
 ) -> list[dict[str, Any]]:
     """One row per (preset, model, question). With a PeftModel, "base" is the same weights with the adapters off,
     then each adapter by name, switched on in turn."""
-    from peft import PeftModel
-
-    variants: list[tuple[str, Callable[[], Any]]] = [("base", contextlib.nullcontext)]
-    if isinstance(model, PeftModel):
-        variants = [("base", model.disable_adapter)]
-        variants += [(name, functools.partial(active_adapter, model, name)) for name in model.peft_config]
+    variants = model_variants(model)
     prompts = [template.encode_prompt(q.history, q.query, q.system) for q in questions]
     rows = []
     for settings in settings_list:
@@ -104,6 +99,16 @@ def compare_models(
                     row["exact_match"] = exact_match(answer, question.reference)
                 rows.append(row)
     return rows
+
+
+def model_variants(model) -> list[tuple[str, Callable[[], Any]]]:
+    """(label, context manager that makes the model answer as it): "base" (adapters off), then each adapter."""
+    from peft import PeftModel
+
+    if not isinstance(model, PeftModel):
+        return [("base", contextlib.nullcontext)]
+    variants: list[tuple[str, Callable[[], Any]]] = [("base", model.disable_adapter)]
+    return variants + [(name, functools.partial(active_adapter, model, name)) for name in model.peft_config]
 
 
 @contextlib.contextmanager
