@@ -267,13 +267,14 @@ class RLTrainer(ReliableTrainerMixin, Trainer):
             "completion_mask": completion_mask,
         }
         model = self.model
+        entropy = values = None
         with torch.no_grad():
-            old_logps, entropy, values = completion_logps(
-                model, batch, self.chunk, True, self.value_head, self.temperature
-            )
+            if self.algorithm != "grpo" or self.num_iterations > 1:  # GRPO's one pass: the loss pass is the old policy
+                batch["old_logps"], entropy, values = completion_logps(
+                    model, batch, self.chunk, True, self.value_head, self.temperature
+                )
             with as_reference(model, self.reference) as reference:
-                ref_logps = completion_logps(reference, batch, self.chunk, temperature=self.temperature).logps
-        batch.update(old_logps=old_logps, ref_logps=ref_logps)
+                batch["ref_logps"] = completion_logps(reference, batch, self.chunk, temperature=self.temperature).logps
         if values is not None:
             batch["old_values"] = values
         batch.update(self.advantages(rewards["total"], batch))
@@ -287,7 +288,7 @@ class RLTrainer(ReliableTrainerMixin, Trainer):
     def advantages(self, total: torch.Tensor, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """GRPO: group-normalised; RLOO: leave-one-out of the KL-penalised reward; PPO: GAE on per-token rewards
         (the score on the last token, -beta * KL on each) with the rollout's values, whitened."""
-        mask, logps, ref_logps = batch["completion_mask"], batch["old_logps"], batch["ref_logps"]
+        mask, logps, ref_logps = batch["completion_mask"], batch.get("old_logps"), batch["ref_logps"]
         if self.algorithm == "grpo":
             return {"advantages": group_advantages(total, self.num_generations, self.scale_rewards)}
         if self.algorithm == "rloo":
@@ -306,7 +307,8 @@ class RLTrainer(ReliableTrainerMixin, Trainer):
         lengths = completion_mask.sum(-1).float()
         self._logged["completions/mean_length"].append(lengths.mean().item())
         self._logged["completions/truncated"].append(1 - ended.float().mean().item())
-        self._logged["entropy"].append(masked_mean(entropy, completion_mask).item())
+        if entropy is not None:  # else the loss pass logs it
+            self._logged["entropy"].append(masked_mean(entropy, completion_mask).item())
         if self.state.global_step % self.sample_log_steps == 0 and self.is_world_process_zero():
             path = Path(self.args.output_dir) / "samples.jsonl"
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -319,10 +321,13 @@ class RLTrainer(ReliableTrainerMixin, Trainer):
 
     # --- the loss -------------------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        logps, _, values = completion_logps(
-            model, inputs, self.chunk, value_head=self.value_head, temperature=self.temperature
+        # Where the rollout skipped its policy pass (GRPO, one iteration), this pass also gives the entropy.
+        logps, entropy, values = completion_logps(
+            model, inputs, self.chunk, "old_logps" not in inputs, self.value_head, self.temperature
         )
         mask = inputs["completion_mask"]
+        if entropy is not None:
+            self._logged["entropy"].append(masked_mean(entropy, mask).item())
         # One pass per rollout: the rollout's log-probs are these (ratio exactly 1); later passes use the stored ones.
         old = logps.detach() if self.num_iterations == 1 else inputs["old_logps"]
         if self.algorithm == "rloo":
