@@ -100,6 +100,7 @@ def main(argv: list[str], callbacks: list | None = None) -> RLTrainer | None:
         reward_function=load_reward_function(args.reward_function) if args.reward_function else None,
         reward_function_weight=args.reward_function_weight,
         mask_truncated_completions=args.mask_truncated_completions,
+        truncated_completion_penalty=args.truncated_completion_penalty,
         reference=reference,
         sample_log_steps=args.sample_log_steps,
         chunk=args.logits_chunk_size,

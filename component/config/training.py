@@ -218,6 +218,9 @@ class RLArguments(FinetuneArguments):
     mask_truncated_completions: bool = field(
         default=False, metadata={"help": "No loss on completions cut by max_new_tokens (they never ended)."}
     )
+    truncated_completion_penalty: float = field(
+        default=0.0, metadata={"help": "Subtracted from the reward of completions cut by max_new_tokens."}
+    )
     sample_log_steps: int = field(default=10, metadata={"help": "Every N steps a few rows go to samples.jsonl."})
 
 
@@ -626,6 +629,8 @@ def validate_rl(args: RLArguments, source: str) -> None:
     for key in ("num_iterations", "max_new_tokens", "sample_log_steps"):
         if getattr(args, key) < 1:
             raise ConfigError(f"{source}: '{key}' must be >= 1, got {getattr(args, key)}")
+    if args.truncated_completion_penalty < 0:
+        raise ConfigError(f"{source}: 'truncated_completion_penalty' must be >= 0 (it is subtracted)")
     if args.beta < 0 or not 0 < args.clip_range < 1:
         raise ConfigError(f"{source}: 'beta' must be >= 0 and 'clip_range' in (0, 1)")
     if not (0 <= args.gamma <= 1 and 0 <= args.lam <= 1 and args.value_clip_range > 0 and args.vf_coef >= 0):

@@ -147,6 +147,7 @@ class RLTrainer(ReliableTrainerMixin, Trainer):
         reward_function: Callable | None = None,
         reward_function_weight: float = 1.0,
         mask_truncated_completions: bool = False,
+        truncated_completion_penalty: float = 0.0,
         reference: str | nn.Module = "adapter_off",
         sample_log_steps: int = 10,
         chunk: int = DEFAULT_CHUNK_SIZE,
@@ -169,6 +170,7 @@ class RLTrainer(ReliableTrainerMixin, Trainer):
         self.exact_match_weight = exact_match_weight
         self.reward_function, self.reward_function_weight = reward_function, reward_function_weight
         self.mask_truncated_completions = mask_truncated_completions
+        self.truncated_completion_penalty = truncated_completion_penalty
         self.chunk = chunk
         self.temperature = settings.temperature if settings.do_sample else 1.0  # log-probs of what is sampled
         self.model_accepts_loss_kwargs = False
@@ -258,6 +260,9 @@ class RLTrainer(ReliableTrainerMixin, Trainer):
         tokenizer = self.processing_class
         completions = [clean_answer(ids.tolist(), tokenizer, self.template) for ids in completion_ids]
         rewards = self.rewards(rows, completions)
+        if self.truncated_completion_penalty:  # completions cut by max_new_tokens lose this much
+            rewards["truncated"] = -(~ended).float()
+            rewards["total"] = rewards["total"] + self.truncated_completion_penalty * rewards["truncated"]
         attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
         batch = {
             "input_ids": torch.cat([prompt_ids, completion_ids], dim=1),

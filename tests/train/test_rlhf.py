@@ -239,3 +239,20 @@ def test_ppo_resume_restores_policy_and_value_head(tiny_llama_dir, tmp_path):
         again = load_file(tmp_path / "resumed/out" / name)
         for key in straight:
             torch.testing.assert_close(again[key], straight[key], rtol=0, atol=1e-6)
+
+
+def test_truncated_completions_can_be_penalised(tiny_llama_dir, tmp_path):
+    args = rl_args(
+        tmp_path,
+        tiny_llama_dir,
+        reward_function="tests.train.rl_rewards:constant",
+        truncated_completion_penalty=0.5,
+        max_new_tokens=3,  # the tiny random model rarely stops this soon
+        max_steps=1,
+        sample_log_steps=1,
+    )
+    train_rlhf.main(["--train_args_file", args])
+    samples = [json.loads(line) for line in (tmp_path / "out/samples.jsonl").read_text().splitlines()]
+    assert any(s["reward/truncated"] == -1 for s in samples)
+    for sample in samples:
+        assert sample["reward/total"] == pytest.approx(1.0 + 0.5 * sample["reward/truncated"])
