@@ -1,4 +1,4 @@
-"""Merge a LoRA adapter into its base weights and save a standalone model folder.
+"""Merge a LoRA adapter into its base weights and save a standalone model folder (= export.py --format hf).
 
     python merge_lora.py --adapter output/sft --output_dir output/sft_merged [--model_name_or_path BASE]
         [--dtype bfloat16|float16|float32] [--trust_remote_code true] [--config FILE.json]
@@ -18,18 +18,10 @@ from component.config.parser import fields_of, run_cli, usage
 
 
 def main(argv: list[str]) -> None:
-    from component.export.merge import merge_adapter
+    from component.export.merge import export_hf
 
     options = parse_options(MergeOptions, argv, "merge_lora.py")
-    output = merge_adapter(
-        options.adapter,
-        options.output_dir,
-        options.model_name_or_path,
-        options.dtype,
-        options.quantization,
-        options.trust_remote_code,
-    )
-    print(f"Merged model saved to {output}")
+    print(f"Merged model saved to {export_hf(options)}")
 
 
 if __name__ == "__main__":

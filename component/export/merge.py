@@ -75,7 +75,7 @@ def merge_adapter(
 
 
 def export_hf(options) -> Path:
-    """export.py --format hf: merge `options.adapter` (required here) into its base."""
+    """export.py --format hf and merge_lora.py (ExportOptions / MergeOptions): merge `options.adapter` into its base."""
     if not options.adapter:
         raise ConfigError("--format hf merges an adapter: give 'adapter' (a merged folder is already exported)")
     return merge_adapter(
