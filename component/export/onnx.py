@@ -177,7 +177,13 @@ def write_graph_info(output: Path, config, dtype: str) -> None:
         "num_key_value_heads": kv_heads,
         "head_dim": head_dim,
         "vocab_size": config.vocab_size,
-        "inputs": ["input_ids", "attention_mask", "position_ids", "past_key_values.{i}.key", "past_key_values.{i}.value"],
+        "inputs": [
+            "input_ids",
+            "attention_mask",
+            "position_ids",
+            "past_key_values.{i}.key",
+            "past_key_values.{i}.value",
+        ],
         "outputs": ["logits", "present.{i}.key", "present.{i}.value"],
     }
     (output / "onnx_config.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")

@@ -25,6 +25,7 @@ from component.data.conversation import Conversation, Turn
 from component.data.readers import DataFormatError, read_sft_file, utf8_error_position
 from component.data.template import Template
 from component.inference.answers import context_length
+from component.inference.backends import load_generator
 from component.inference.report import CompareResult, write_reports
 
 if TYPE_CHECKING:  # the scorer (torch) loads only when a reward model is given
@@ -196,18 +197,6 @@ def free_model(model) -> None:
     torch = sys.modules.get("torch")  # the onnxruntime path runs without torch
     if torch is not None and torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def load_generator(options) -> tuple[Any, Any, Template]:
-    """(model, tokenizer, template): a PyTorch model with its adapters, or an onnxruntime generator."""
-    if options.backend == "onnxruntime":
-        from component.inference.onnx_engine import load_onnx_generator
-
-        generator = load_onnx_generator(options)
-        return generator, generator.tokenizer, generator.template
-    from component.inference.engine import load_for_generation
-
-    return load_for_generation(options)
 
 
 def run_compare(options: CompareOptions) -> tuple[CompareResult, dict[str, Path]]:
