@@ -199,6 +199,13 @@ def free_model(model) -> None:
         torch.cuda.empty_cache()
 
 
+def load_reward_scorer(*args: Any, **kwargs: Any) -> RewardScorer:
+    """`inference.scoring.load_reward_scorer`, imported when a reward model is given (scoring needs torch)."""
+    from component.inference import scoring
+
+    return scoring.load_reward_scorer(*args, **kwargs)
+
+
 def run_compare(options: CompareOptions) -> tuple[CompareResult, dict[str, Path]]:
     """The compare recipe: read questions, load once, generate per preset and model, score, write reports."""
     settings_list = options.settings()
@@ -213,8 +220,6 @@ def run_compare(options: CompareOptions) -> tuple[CompareResult, dict[str, Path]
     rows = compare_models(model, tokenizer, template, questions, settings_list, options.batch_size, context)
     free_model(model)
     if options.reward_model:
-        from component.inference.scoring import load_reward_scorer
-
         scorer = load_reward_scorer(
             options.reward_model, options.reward_base_model, options.quantization, options.batch_size
         )
