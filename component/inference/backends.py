@@ -14,8 +14,9 @@ from component.data.template import Template
 def load_generator(options: GenerationOptions) -> tuple[Any, Any, Template]:
     """(model, tokenizer, template): a PyTorch model with its adapters, or an onnxruntime generator."""
     if options.backend == "onnxruntime":
-        from component.inference.onnx_engine import load_onnx_generator
+        from component.inference.onnx_engine import check_settings, load_onnx_generator
 
+        check_settings(options.settings())  # before the graph loads
         generator = load_onnx_generator(options)
         return generator, generator.tokenizer, generator.template
     from component.inference.engine import load_for_generation

@@ -149,11 +149,7 @@ class OnnxDecoder:
 
         `finished_text(tokens)` says when a row's text has reached a stop string; `on_tokens` sees each step's
         tokens (streaming)."""
-        if settings.num_beams > 1:
-            raise ConfigError(
-                "the onnxruntime backend decodes greedily or by sampling; beam search (num_beams > 1, preset beam) "
-                "needs --backend torch"
-            )
+        check_settings([settings])
         width = max(len(p) for p in prompts)
         ids = np.array([[pad_token_id] * (width - len(p)) + p for p in prompts], dtype=np.int64)
         mask = np.array([[0] * (width - len(p)) + [1] * len(p) for p in prompts], dtype=np.int64)
@@ -180,6 +176,16 @@ class OnnxDecoder:
             position = mask.sum(-1, keepdims=True) - 1
             logits, past = self.step(tokens[:, None], mask, position, past)
         return np.stack(new, axis=1) if new else np.zeros((len(prompts), 0), dtype=np.int64)
+
+
+def check_settings(settings_list: list[GenerationSettings]) -> None:
+    """What this engine cannot do, refused up front: beam search."""
+    for settings in settings_list:
+        if settings.num_beams > 1:
+            raise ConfigError(
+                f"preset '{settings.preset}': the onnxruntime backend decodes greedily or by sampling; beam search "
+                "(num_beams > 1) needs --backend torch"
+            )
 
 
 # --- decoding ------------------------------------------------------------------------------------------------------
@@ -314,6 +320,6 @@ def load_onnx_generator(options: ModelOptions) -> OnnxGenerator:
         )
     if options.quantization:
         raise ConfigError("'quantization' (bitsandbytes) applies to --backend torch only")
-    tokenizer = ServingTokenizer(options.model_name_or_path)
     decoder = OnnxDecoder(options.model_name_or_path)
+    tokenizer = ServingTokenizer(options.model_name_or_path)
     return OnnxGenerator(decoder, tokenizer, get_template(template_name(options), tokenizer))
