@@ -13,6 +13,7 @@ Beam search is refused.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,32 +38,58 @@ def _token_text(value: Any) -> str | None:
 
 
 class ServingTokenizer:
-    """The exported folder's tokenizer.json through the `tokenizers` library, with the slice of the transformers
-    tokenizer API the templates and answer cleaning use (call, decode, special-token ids, chat template)."""
+    """The exported folder's tokenizer without transformers, with the slice of its API the templates and answer
+    cleaning use (call, decode, special-token ids, chat template): `tokenizer.json` through the `tokenizers`
+    library, or, for SentencePiece-only tokenizers (Baichuan's `tokenizer.model`), the `sentencepiece` model
+    itself, encoding each text span as the native Baichuan tokenizer does."""
 
     def __init__(self, folder: str | Path) -> None:
-        from tokenizers import Tokenizer
-
         folder = Path(folder)
-        if not (folder / "tokenizer.json").is_file():
-            raise ConfigError(
-                f"'model_name_or_path' {str(folder)!r} has no tokenizer.json: the onnxruntime backend reads a fast "
-                "tokenizer (export.py --format onnx writes one); re-export, or use --backend torch"
-            )
-        self._tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
         config_file = folder / "tokenizer_config.json"
         config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+        if (folder / "tokenizer.json").is_file():
+            from tokenizers import Tokenizer
+
+            self._tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+            self._sentencepiece = None
+            token_to_id = self._tokenizer.token_to_id
+        elif (folder / "tokenizer.model").is_file():
+            import sentencepiece
+
+            self._tokenizer = None
+            self._sentencepiece = sentencepiece.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+            self._add_bos, self._add_eos = config.get("add_bos_token", True), config.get("add_eos_token", False)
+            unknown = self._sentencepiece.unk_id()
+
+            def token_to_id(text: str) -> int | None:
+                index = self._sentencepiece.piece_to_id(text)
+                return None if index == unknown and text != self._sentencepiece.id_to_piece(unknown) else index
+
+        else:
+            raise ConfigError(
+                f"'model_name_or_path' {str(folder)!r} has no tokenizer.json or tokenizer.model "
+                "(export.py --format onnx writes the tokenizer next to model.onnx)"
+            )
         self.clean_up_tokenization_spaces = bool(config.get("clean_up_tokenization_spaces", False))
         for name in ("bos", "eos", "pad", "unk"):
             text = _token_text(config.get(f"{name}_token"))
             setattr(self, f"{name}_token", text)
-            setattr(self, f"{name}_token_id", self._tokenizer.token_to_id(text) if text else None)
+            setattr(self, f"{name}_token_id", token_to_id(text) if text else None)
         if self.pad_token_id is None:  # as the PyTorch loader: borrow UNK, else EOS
             self.pad_token, self.pad_token_id = (
                 (self.unk_token, self.unk_token_id)
                 if self.unk_token_id is not None
                 else (self.eos_token, self.eos_token_id)
             )
+        self._special = {
+            t: i
+            for t, i in (
+                (self.bos_token, self.bos_token_id),
+                (self.eos_token, self.eos_token_id),
+                (self.unk_token, self.unk_token_id),
+            )
+            if t and i is not None
+        }
         template_file = folder / "chat_template.jinja"
         self.chat_template = (
             template_file.read_text(encoding="utf-8") if template_file.is_file() else config.get("chat_template")
@@ -70,13 +97,38 @@ class ServingTokenizer:
         limit = config.get("model_max_length")
         self.model_max_length = limit if isinstance(limit, int) else None
 
+    def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        if self._tokenizer is not None:
+            return self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+        ids = []  # special tokens written in the text map to their ids; the spans between are encoded raw
+        pattern = "(" + "|".join(re.escape(token) for token in self._special) + ")"
+        for span in re.split(pattern, text) if self._special else [text]:
+            ids += [self._special[span]] if span in self._special else self._sentencepiece.encode(span) if span else []
+        bos = [self.bos_token_id] if add_special_tokens and self._add_bos and self.bos_token_id is not None else []
+        eos = [self.eos_token_id] if add_special_tokens and self._add_eos and self.eos_token_id is not None else []
+        return bos + ids + eos
+
     def __call__(self, texts: str | list[str], add_special_tokens: bool = True) -> dict[str, Any]:
         if isinstance(texts, str):
-            return {"input_ids": self._tokenizer.encode(texts, add_special_tokens=add_special_tokens).ids}
-        encoded = self._tokenizer.encode_batch(texts, add_special_tokens=add_special_tokens)
-        return {"input_ids": [item.ids for item in encoded]}
+            return {"input_ids": self._encode(texts, add_special_tokens)}
+        if self._tokenizer is not None:
+            encoded = self._tokenizer.encode_batch(texts, add_special_tokens=add_special_tokens)
+            return {"input_ids": [item.ids for item in encoded]}
+        return {"input_ids": [self._encode(text, add_special_tokens) for text in texts]}
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        if self._tokenizer is None:
+            specials = set(self._special.values())
+            pieces, text = [], ""
+            for index in ids:  # SentencePiece runs decoded together; special tokens verbatim
+                if index in specials:
+                    text += self._sentencepiece.decode(pieces) + (
+                        "" if skip_special_tokens else self._sentencepiece.id_to_piece(index)
+                    )
+                    pieces = []
+                else:
+                    pieces.append(index)
+            return text + self._sentencepiece.decode(pieces)
         text = self._tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
         if self.clean_up_tokenization_spaces:  # transformers' clean_up_tokenization
             for before, after in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't")):

@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -80,3 +82,49 @@ def test_onnxruntime_backend_refuses_what_it_cannot_do(tiny_llama_dir, tmp_path)
         load_generator(merged)
     with pytest.raises(ConfigError, match='--backend must be one of "torch", "onnxruntime"'):
         parse_options(ChatOptions, ["--backend", "onnx", *folder])
+
+
+TEXTS = ["你好，世界", "Human: 把 8854 逐位写成汉字\n\nAssistant: ", "  two  spaces\n\n", "<s>literal</s> tokens", ""]
+
+
+def test_serving_tokenizer_equals_transformers_fast_tokenizer(demo_tokenizer, tmp_path):
+    from component.inference.onnx_engine import ServingTokenizer
+
+    demo_tokenizer.save_pretrained(tmp_path)
+    serving = ServingTokenizer(tmp_path)
+    for name in ("bos", "eos", "pad", "unk"):
+        assert getattr(serving, f"{name}_token_id") == getattr(demo_tokenizer, f"{name}_token_id"), name
+    for text in TEXTS:
+        for special in (True, False):
+            ids = demo_tokenizer(text, add_special_tokens=special)["input_ids"]
+            assert serving(text, add_special_tokens=special)["input_ids"] == ids
+            for skip in (True, False):
+                assert serving.decode(ids, skip_special_tokens=skip) == demo_tokenizer.decode(
+                    ids, skip_special_tokens=skip
+                )
+    messages = [
+        {"role": "system", "content": "s"},
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": "a"},
+    ]
+    for generation_prompt in (True, False):
+        assert serving.apply_chat_template(messages, add_generation_prompt=generation_prompt) == (
+            demo_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+        )
+
+
+def test_serving_tokenizer_equals_native_baichuan_tokenizer(shared_fixtures, tmp_path):
+    """Baichuan ships only tokenizer.model: the serving side reads it with sentencepiece, same ids and answers."""
+    from component.inference.onnx_engine import ServingTokenizer
+    from component.model.baichuan import load_baichuan_tokenizer
+
+    native = load_baichuan_tokenizer(shared_fixtures / "tokenizers" / "baichuan2")
+    native.save_pretrained(tmp_path)
+    serving = ServingTokenizer(tmp_path)
+    reference = json.loads((shared_fixtures / "baichuan_ref" / "tokenizer_reference.json").read_text(encoding="utf-8"))
+    for text in [*reference["texts"], *TEXTS]:
+        for special in (True, False):
+            ids = native(text, add_special_tokens=special)["input_ids"]
+            assert serving(text, add_special_tokens=special)["input_ids"] == ids, text
+        assert serving.decode(ids, skip_special_tokens=True) == native.decode(ids, skip_special_tokens=True), text
+    assert (serving.bos_token_id, serving.eos_token_id, serving.pad_token_id) == (1, 2, native.pad_token_id)
