@@ -229,14 +229,19 @@ def test_onnxruntime_backend_never_imports_torch(llama_export):
     assert result.stdout.strip() == "False False"
 
 
-def test_fp16_export_within_stated_tolerance(tmp_path):
-    """A float16 graph (export.py --onnx_dtype float16) against the fp32 PyTorch model: within FP16_TOLERANCE."""
+def test_fp16_export_within_stated_tolerance(tmp_path, monkeypatch):
+    """A float16 graph (export.py --onnx_dtype float16) against the fp32 PyTorch model: within FP16_TOLERANCE.
+    Exported as if its weights were over the 2 GB protobuf limit: they go to model.onnx.data."""
+    import component.export.onnx as onnx_export
+
+    monkeypatch.setattr(onnx_export, "PROTOBUF_LIMIT", 0)
     torch.manual_seed(0)
     config = AutoConfig.for_model(**{**BUILT["qwen2"], "model_type": "llama"}, initializer_range=0.1)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     half = AutoModelForCausalLM.from_config(config, dtype=torch.float16).eval()
     half.load_state_dict(model.state_dict())
     export_decoder(half, tmp_path / "model.onnx")
+    assert (tmp_path / "model.onnx.data").stat().st_size > 0  # onnxruntime reads it from next to model.onnx
     decoder = OnnxDecoder(tmp_path)
     assert decoder.cache_dtype == np.float16
     ids, mask, positions = _left_pad(_prompts(model.config.vocab_size))
@@ -262,8 +267,8 @@ def test_base_plus_adapter_export_needs_no_quantization(tiny_llama_dir, tmp_path
 
 
 def test_demo_sft_export_reproduces_exact_match(tmp_path):
-    """export.py on the demo's base + SFT adapter, then generate.py compare --backend onnxruntime: the demo's
-    exact match (1.0 on the 200 held-out digit questions, greedy)."""
+    """export.py on the demo's base + SFT adapter (fp32 logits within 1e-4 of base + adapter in PyTorch), then
+    generate.py compare --backend onnxruntime: the demo's exact match (1.0 on the 200 held-out questions, greedy)."""
     demo = REPO / "output" / "demo"
     if not all((demo / name).is_dir() for name in ("base_model", "sft")):
         pytest.skip("demo models not built (make demo)")
@@ -271,6 +276,15 @@ def test_demo_sft_export_reproduces_exact_match(tmp_path):
     run = [sys.executable, "export.py", "--format", "onnx", "--adapter", str(demo / "sft")]
     result = subprocess.run([*run, "--output_dir", str(exported)], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
+    from peft import PeftModel
+
+    base = AutoModelForCausalLM.from_pretrained(demo / "base_model", dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, demo / "sft").merge_and_unload().eval()
+    ids, mask, positions = _left_pad(_prompts(model.config.vocab_size))
+    decoder = OnnxDecoder(exported)
+    logits, _ = decoder.step(ids, mask, positions, decoder.empty_cache(len(ids)))
+    expected, _ = _torch_step(model, ids, mask, positions, None)
+    assert np.abs(logits - expected)[mask.astype(bool)].max() <= FP32_TOLERANCE
     command = [sys.executable, "generate.py", "compare", "--backend", "onnxruntime", "--model_name_or_path"]
     command += [str(exported), "--references", "data/demo/digits_eval.jsonl", "--preset", "greedy"]
     command += ["--max_new_tokens", "16", "--batch_size", "32", "--output_dir", str(tmp_path / "compare")]
