@@ -15,9 +15,7 @@ same code serves Llama-family models and the native Baichuan (which adds its ALi
 from __future__ import annotations
 
 import json
-import logging
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +24,8 @@ from torch import nn
 from transformers.cache_utils import DynamicCache
 
 from component.config.parser import ConfigError
-from component.export.merge import merge_adapter
-from component.model.loader import adapter_base, load_pretrained, load_tokenizer, tokenizer_folder
-
-logger = logging.getLogger(__name__)
+from component.export.merge import merged_model
+from component.model.loader import load_pretrained, load_tokenizer, tokenizer_folder
 
 ONNX_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 GRAPH_FILE = "model.onnx"
@@ -125,44 +121,44 @@ def export_decoder(model: nn.Module, path: Path, opset: int | None = None) -> Pa
     return path
 
 
-def load_source(options, work_dir: Path) -> tuple[str, str]:
-    """The model folder to export (a base + adapter merged into `work_dir` first) and its tokenizer folder."""
+def load_source(options):
+    """(causal LM in the graph's dtype, on the CPU; tokenizer; folder with train_args.json or None): a base +
+    adapter merged in memory (merge.py's code), or a merged / base folder as it is."""
     if options.quantization:
         raise ConfigError("'quantization' is refused: export needs the 16-bit weights (leave out --quantization)")
-    if not options.adapter:
-        return options.model_name_or_path, tokenizer_folder(options.model_name_or_path)
-    merged = merge_adapter(
-        options.adapter, str(work_dir), options.model_name_or_path, "float32", None, options.trust_remote_code
+    if options.adapter:
+        model, tokenizer = merged_model(
+            options.adapter, options.model_name_or_path, options.onnx_dtype, None, options.trust_remote_code
+        )
+        return model, tokenizer, options.adapter
+    model = load_pretrained(
+        options.model_name_or_path,
+        "causal_lm",
+        dtype=ONNX_TORCH_DTYPES[options.onnx_dtype],
+        trust_remote_code=options.trust_remote_code,
     )
-    base = options.model_name_or_path or adapter_base(options.adapter)
-    return str(merged), tokenizer_folder(options.adapter, base)
+    tokenizer = load_tokenizer(tokenizer_folder(options.model_name_or_path), options.trust_remote_code)
+    return model, tokenizer, options.model_name_or_path
 
 
 def export_onnx(options) -> Path:
     """export.py --format onnx: model.onnx, config.json, generation_config.json, tokenizer, train_args.json."""
+    model, tokenizer, settings_folder = load_source(options)
+    model = model.to("cpu").eval()
+    if getattr(model.config, "use_sliding_window", False):
+        raise ConfigError("sliding-window attention (use_sliding_window) is not supported by the ONNX export")
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation("sdpa")  # traced into plain ONNX ops; flash kernels are not exportable
     output = Path(options.output_dir)
     output.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="onnx_merge_") as work_dir:
-        folder, tokenizer_path = load_source(options, Path(work_dir))
-        model = load_pretrained(
-            folder,
-            "causal_lm",
-            dtype=ONNX_TORCH_DTYPES[options.onnx_dtype],
-            trust_remote_code=options.trust_remote_code,
-            attn_implementation="sdpa",
-        ).eval()
-        if getattr(model.config, "use_sliding_window", False):
-            raise ConfigError(f"{folder}: sliding-window attention is not supported by the ONNX export")
-        export_decoder(model, output / GRAPH_FILE, options.opset)
-        model.config.save_pretrained(output)
-        if model.generation_config is not None:
-            model.generation_config.save_pretrained(output)
-        load_tokenizer(tokenizer_path, options.trust_remote_code).save_pretrained(output)
-        for source in (options.adapter, folder):
-            train_args = Path(source or "") / "train_args.json"
-            if source and train_args.is_file():  # keeps the template choice with the graph
-                shutil.copy(train_args, output / "train_args.json")
-                break
+    export_decoder(model, output / GRAPH_FILE, options.opset)
+    model.config.save_pretrained(output)
+    if model.generation_config is not None:
+        model.generation_config.save_pretrained(output)
+    tokenizer.save_pretrained(output)
+    train_args = Path(settings_folder or "") / "train_args.json"
+    if settings_folder and train_args.is_file():  # keeps the template choice with the graph
+        shutil.copy(train_args, output / "train_args.json")
     write_graph_info(output, model.config, options.onnx_dtype)
     return output
 
