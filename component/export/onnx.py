@@ -25,7 +25,7 @@ from transformers.cache_utils import DynamicCache
 
 from component.config.parser import ConfigError
 from component.export.merge import merged_model
-from component.model.loader import load_pretrained, load_tokenizer, tokenizer_folder
+from component.model.loader import load_pretrained, load_tokenizer, read_adapter_config, tokenizer_folder
 
 ONNX_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 GRAPH_FILE = "model.onnx"
@@ -126,11 +126,20 @@ def load_source(options):
     adapter merged in memory (merge.py's code), or a merged / base folder as it is."""
     if options.quantization:
         raise ConfigError("'quantization' is refused: export needs the 16-bit weights (leave out --quantization)")
+    if (read_adapter_config(options.adapter) or {}).get("task_type") == "SEQ_CLS":
+        raise ConfigError(f"'adapter' {options.adapter!r} is a reward-model adapter; the ONNX export takes causal LMs")
     if options.adapter:
         model, tokenizer = merged_model(
             options.adapter, options.model_name_or_path, options.onnx_dtype, None, options.trust_remote_code
         )
         return model, tokenizer, options.adapter
+    config_file = Path(options.model_name_or_path) / "config.json"
+    if not config_file.is_file():
+        raise ConfigError(f"'model_name_or_path' {options.model_name_or_path!r} has no config.json (a model folder)")
+    if "quantization_config" in json.loads(config_file.read_text(encoding="utf-8")):
+        raise ConfigError(
+            f"'model_name_or_path' {options.model_name_or_path!r} is saved quantized; export its 16-bit original"
+        )
     model = load_pretrained(
         options.model_name_or_path,
         "causal_lm",

@@ -256,14 +256,22 @@ def test_fp16_export_within_stated_tolerance(tmp_path, monkeypatch):
     assert np.abs(logits - expected).max() <= FP16_TOLERANCE
 
 
-def test_base_plus_adapter_export_needs_no_quantization(tiny_llama_dir, tmp_path):
+def test_export_refuses_what_it_cannot_export(tiny_llama_dir, tmp_path):
     from component.config.parser import ConfigError
 
-    options = ExportOptions(
-        format="onnx", model_name_or_path=str(tiny_llama_dir), output_dir=str(tmp_path), quantization="4bit"
-    )
+    def export(**values):
+        export_onnx(ExportOptions(format="onnx", output_dir=str(tmp_path / "out"), **values))
+
     with pytest.raises(ConfigError, match="quantization"):
-        export_onnx(options)
+        export(model_name_or_path=str(tiny_llama_dir), quantization="4bit")
+    with pytest.raises(ConfigError, match="has no config.json"):
+        export(model_name_or_path=str(tmp_path))
+    reward = tmp_path / "rm"
+    reward.mkdir()
+    (reward / "adapter_config.json").write_text(json.dumps({"task_type": "SEQ_CLS"}), encoding="utf-8")
+    with pytest.raises(ConfigError, match="reward-model adapter"):
+        export(model_name_or_path=str(tiny_llama_dir), adapter=str(reward))
+    assert not (tmp_path / "out").exists()
 
 
 def test_demo_sft_export_reproduces_exact_match(tmp_path):
