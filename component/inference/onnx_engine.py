@@ -219,9 +219,10 @@ class OnnxDecoder:
                 on_tokens(tokens)
             sequence = np.concatenate([sequence, tokens[:, None]], axis=1)
             unfinished &= ~np.isin(tokens, stops)
-            if finished_text is not None:
+            if finished_text is not None:  # decoded only for the rows still running
                 generated = np.stack(new, axis=1)
-                unfinished &= np.array([not finished_text(row.tolist()) for row in generated])
+                for row in np.flatnonzero(unfinished):
+                    unfinished[row] = not finished_text(generated[row].tolist())
             if not unfinished.any():
                 break
             mask = np.concatenate([mask, np.ones((len(prompts), 1), dtype=np.int64)], axis=1)
