@@ -121,6 +121,14 @@ def export_decoder(model: nn.Module, path: Path, opset: int | None = None) -> Pa
     return path
 
 
+def uses_sliding_window(config) -> bool:
+    """Qwen2 says so with use_sliding_window; Mistral-style configs by a sliding_window size. The wrapper's mask
+    is plain causal, so such a model is refused rather than exported with a mask it was not trained with."""
+    if hasattr(config, "use_sliding_window"):
+        return bool(config.use_sliding_window)
+    return getattr(config, "sliding_window", None) is not None
+
+
 def load_source(options):
     """(causal LM in the graph's dtype, on the CPU; tokenizer; folder with train_args.json or None): a base +
     adapter merged in memory (merge.py's code), or a merged / base folder as it is."""
@@ -154,8 +162,8 @@ def export_onnx(options) -> Path:
     """export.py --format onnx: model.onnx, config.json, generation_config.json, tokenizer, train_args.json."""
     model, tokenizer, settings_folder = load_source(options)
     model = model.to("cpu").eval()
-    if getattr(model.config, "use_sliding_window", False):
-        raise ConfigError("sliding-window attention (use_sliding_window) is not supported by the ONNX export")
+    if uses_sliding_window(model.config):
+        raise ConfigError("sliding-window attention (config sliding_window) is not supported by the ONNX export")
     if hasattr(model, "set_attn_implementation"):
         model.set_attn_implementation("sdpa")  # traced into plain ONNX ops; flash kernels are not exportable
     output = Path(options.output_dir)
