@@ -271,6 +271,11 @@ def test_export_refuses_what_it_cannot_export(tiny_llama_dir, tmp_path):
     (reward / "adapter_config.json").write_text(json.dumps({"task_type": "SEQ_CLS"}), encoding="utf-8")
     with pytest.raises(ConfigError, match="reward-model adapter"):
         export(model_name_or_path=str(tiny_llama_dir), adapter=str(reward))
+    sliding = tmp_path / "sliding"
+    config = AutoConfig.for_model(**{**BUILT["qwen2"], "use_sliding_window": True, "sliding_window": 8})
+    AutoModelForCausalLM.from_config(config).save_pretrained(sliding)
+    with pytest.raises(ConfigError, match="sliding-window attention"):
+        export(model_name_or_path=str(sliding))
     assert not (tmp_path / "out").exists()
 
 
