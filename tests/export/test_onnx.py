@@ -210,23 +210,29 @@ def test_export_writes_a_self_contained_folder(llama_export):
     assert info["num_layers"] == model.config.num_hidden_layers and info["dtype"] == "float32"
 
 
-def test_onnxruntime_backend_never_imports_torch(llama_export):
-    """The serving path (tokenizer, template, decode loop, answers) runs on numpy + onnxruntime + tokenizers."""
+def test_onnxruntime_backend_never_imports_torch(llama_export, tmp_path):
+    """generate.py compare and chat on the exported folder (tokenizer, template, decode loop, reports) run on
+    numpy + onnxruntime + tokenizers: torch and transformers are never imported."""
     _, folder = llama_export
+    (tmp_path / "questions.txt").write_text("1234\n把 12 逐位写成汉字\n", encoding="utf-8")
     script = (
-        "import sys\n"
-        "from component.config.generation import resolve_settings\n"
-        "from component.config.inference import GenerationOptions\n"
-        "from component.inference.onnx_engine import generate_answers, load_onnx_generator\n"
-        f"generator = load_onnx_generator(GenerationOptions(model_name_or_path={str(folder)!r}))\n"
-        "prompts = [generator.template.encode_prompt([], q, None) for q in ('1234', '把 12 逐位写成汉字')]\n"
-        "answers = generate_answers(generator, prompts, resolve_settings('top_p', {'max_new_tokens': 6}))\n"
-        "assert len(answers) == 2, answers\n"
+        "import io, sys\n"
+        "from component.config.inference import ChatOptions, CompareOptions\n"
+        "from component.inference.backends import load_generator\n"
+        "from component.inference.chat import OnnxChatSession\n"
+        "from component.inference.compare import run_compare\n"
+        f"common = dict(backend='onnxruntime', model_name_or_path={str(folder)!r}, max_new_tokens=6)\n"
+        f"result, _ = run_compare(CompareOptions(**common, questions={str(tmp_path / 'questions.txt')!r}, "
+        f"preset='greedy,top_p', output_dir={str(tmp_path / 'compare')!r}))\n"
+        "assert len(result.rows) == 4, result.rows\n"
+        "options = ChatOptions(**common)\n"
+        "session = OnnxChatSession(*load_generator(options), options.settings()[0])\n"
+        "session.ask('1234', io.StringIO())\n"
         "print('torch' in sys.modules, 'transformers' in sys.modules)\n"
     )
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.strip() == "False False"
+    assert result.stdout.strip().splitlines()[-1] == "False False"
 
 
 def test_fp16_export_within_stated_tolerance(tmp_path, monkeypatch):
