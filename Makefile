@@ -1,20 +1,30 @@
 # make demo: set up, then run the CPU demo end to end.  make test: set up, then run every test.
 # make lint: ruff (lint + format check) and import-linter's layer contracts (pyproject.toml).
+# make web-screenshots: rerun the browser test of generate.py web, saving docs/images/web_{chat,compare}.png.
 PYTHON ?= python3
 TORCH_VERSION ?= 2.13.0
 DEMO := output/demo
 
-.PHONY: setup demo test lint clean
+.PHONY: setup chromium demo test lint web-screenshots clean
 
-setup:
+setup: chromium
 	$(PYTHON) -m pip install -q "torch==$(TORCH_VERSION)"
 	$(PYTHON) -m pip install -q -r requirements-dev.txt
+
+# Debian's Chromium (+ a CJK font for the screenshots) for the browser test; Playwright never downloads one.
+chromium:
+	@test -x /usr/bin/chromium || [ "$$(id -u)" != 0 ] || { apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium fonts-wqy-microhei; }
+	@test -x /usr/bin/chromium || echo "no /usr/bin/chromium (apt-get install chromium as root): tests/inference/test_web.py will skip"
 
 demo: setup
 	$(PYTHON) -m component.demo_assets model config/demo/model/config.json $(DEMO)/base_model
 	$(PYTHON) train_sft.py --train_args_file config/demo/sft_lora.json
 	$(PYTHON) train_rm.py --train_args_file config/demo/rm_lora.json
 	$(PYTHON) train_dpo.py --train_args_file config/dpo/demo_lora.json
+	$(PYTHON) train_sft.py --train_args_file config/demo/sft_lora.json --output_dir $(DEMO)/sft_short \
+		--max_steps 80 --warmup_steps 10 --eval_strategy no --save_strategy no
+	$(PYTHON) train_rlhf.py --train_args_file config/rlhf/demo_grpo.json
 	$(PYTHON) generate.py compare --config config/demo/compare.json
 
 test: setup
@@ -24,6 +34,9 @@ lint: setup
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m ruff format --check .
 	lint-imports
+
+web-screenshots: setup
+	WEB_SCREENSHOT_DIR=docs/images $(PYTHON) -m pytest -q tests/inference/test_web.py
 
 clean:
 	rm -rf output .pytest_cache

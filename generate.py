@@ -5,6 +5,8 @@
         [--references FILE] [--preset greedy,top_p] [--reward_model RM] [--output_dir output/compare]
     python generate.py compare --config config/demo/compare.json [--key value ...]
     python generate.py score --reward_model RM --input rows.jsonl --output scores.jsonl
+    python generate.py web --model_name_or_path BASE --adapter sft=OUT [--adapter dpo=OUT ...] [--reward_model RM]
+        [--host 127.0.0.1] [--port 7860]        (pip install -r requirements-web.txt)
 
 Presets: default (the original project's sampling: temperature 0.6, top_p 0.8, repetition_penalty 2.0),
 greedy, beam, top_k, top_p; --generation_config FILE.json and --key value override their fields. Every option
@@ -15,6 +17,8 @@ chat: one message a line on stdin (scriptable); /reset clears the history, /exit
 compare: ONE loaded base model, the adapter switched off (base) and on (SFT); writes report.html, report.md,
 answers.jsonl and summary.json to output_dir; --reward_model adds scores and the SFT win rate.
 score: each JSONL row ({prompt, response, history?, system?}) written back with the reward model's `score`.
+web: a browser page (Gradio) to chat with the base or an adapter, and to compare them all on one question with
+the reward model's verdict; docs/generation.md#web.
 """
 
 from __future__ import annotations
@@ -22,10 +26,19 @@ from __future__ import annotations
 import logging
 import sys
 
-from component.config.inference import CONFIG_FLAG, ChatOptions, CompareOptions, ScoreOptions, parse_options
+from component.config.inference import (
+    CONFIG_FLAG,
+    ChatOptions,
+    CompareOptions,
+    ScoreOptions,
+    WebOptions,
+    parse_options,
+)
 from component.config.parser import ConfigError, fields_of, run_cli, usage
 
-USAGE = "usage: python generate.py {chat,compare,score} [--config FILE.json] [--key value ...]  (--help for options)"
+USAGE = (
+    "usage: python generate.py {chat,compare,score,web} [--config FILE.json] [--key value ...]  (--help for options)"
+)
 
 
 def chat(options: ChatOptions) -> None:
@@ -68,7 +81,24 @@ def score(options: ScoreOptions) -> None:
     print(f"scored {count} rows -> {options.output}")
 
 
-COMMANDS = {"chat": (ChatOptions, chat), "compare": (CompareOptions, compare), "score": (ScoreOptions, score)}
+def web(options: WebOptions) -> None:
+    if options.backend != "torch":
+        raise ConfigError("generate.py web runs --backend torch; an exported ONNX model answers in chat and compare")
+    try:
+        from component.inference.web.page import serve
+    except ModuleNotFoundError as error:
+        if error.name != "gradio":
+            raise
+        raise ConfigError("generate.py web needs Gradio: pip install -r requirements-web.txt") from None
+    serve(options)
+
+
+COMMANDS = {
+    "chat": (ChatOptions, chat),
+    "compare": (CompareOptions, compare),
+    "score": (ScoreOptions, score),
+    "web": (WebOptions, web),
+}
 
 
 def main(argv: list[str]) -> None:

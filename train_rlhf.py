@@ -1,13 +1,14 @@
-"""Online RLHF recipe: GRPO or RLOO on a LoRA / QLoRA policy against our reward model and rule rewards.
+"""Online RLHF recipe: GRPO, RLOO or PPO on a LoRA / QLoRA policy against our reward model and rule rewards.
 
     python train_rlhf.py --train_args_file config/rlhf/lora_config.json [--key value ...]
     sh run.sh train_rlhf.py config/rlhf/lora_config.json          # torchrun: each rank samples for its own prompts
 
 Steps: read the train args (SFT's keys + algorithm, rewards, sampling) -> load the tokenizer and template -> read
 the prompts (any SFT or preference file: the conversation up to its last user turn; write data_report.json /
-data_preview.jsonl) -> [stop here with --dry_run true] -> load the policy (a new LoRA or `adapter_name_or_path`
+data_preview.jsonl, prompts.jsonl) -> [stop here with --dry_run true] -> load the policy (a new LoRA or `adapter_name_or_path`
 continued; the reference shares its base) and the reward model (once) -> train with RLTrainer (sample, score,
-advantages, clipped loss) -> save the adapter, tokenizer, metrics, samples.jsonl and training_loss.png.
+advantages, clipped loss; PPO's value head) -> save the adapter (+ PPO's value_head.safetensors), tokenizer,
+metrics, samples.jsonl and training_loss.png.
 See docs/rlhf.md.
 """
 
@@ -26,7 +27,7 @@ from transformers import set_seed
 from component.config.generation import resolve_settings
 from component.config.parser import run_cli, usage
 from component.config.training import TRAIN_ARGS_FLAG, recipe_fields
-from component.data.prompts import prepare_prompt_data
+from component.data.prompts import prepare_prompt_data, write_prompts_jsonl
 from component.inference.scoring import load_reward_scorer
 from component.model.loader import load_model
 from component.train.recipe import finish_training, record_data, resolve_resume, start_recipe
@@ -52,6 +53,8 @@ def main(argv: list[str], callbacks: list | None = None) -> RLTrainer | None:
         lambda first: "Example prompt:\n" + tokenizer.decode(first["prompt_ids"], skip_special_tokens=False),
         unit="prompts",
     )
+    if training_args.process_index == 0:  # the same prompts for OpenRLHF / verl (docs/rlhf.md)
+        write_prompts_jsonl(data.train, tokenizer, f"{training_args.output_dir}/prompts.jsonl")
     if args.dry_run:
         return None
 
@@ -86,6 +89,11 @@ def main(argv: list[str], callbacks: list | None = None) -> RLTrainer | None:
         beta=args.beta,
         clip_range=args.clip_range,
         scale_rewards=args.scale_rewards,
+        gamma=args.gamma,
+        lam=args.lam,
+        value_clip_range=args.value_clip_range,
+        vf_coef=args.vf_coef,
+        whiten_rewards=args.whiten_rewards,
         reward_scorer=scorer,
         reward_model_weight=args.reward_model_weight,
         exact_match_weight=args.exact_match_weight,

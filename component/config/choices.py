@@ -31,4 +31,4 @@ DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust", "simpo", "orpo")
 REFERENCE_FREE_LOSSES = ("simpo", "orpo")
 
 # Online RL algorithms (docs/rlhf.md).
-RL_ALGORITHMS = ("grpo", "rloo")
+RL_ALGORITHMS = ("grpo", "rloo", "ppo")

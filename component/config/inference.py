@@ -1,4 +1,4 @@
-"""Settings of the inference and export front ends (generate.py chat / compare / score, merge_lora.py).
+"""Settings of the inference and export front ends (generate.py chat / compare / score / web, merge_lora.py).
 
 Each front end takes `--config FILE.json` plus `--key value` overrides through `config.parser`, the same
 parser and messages as the training recipes; every check here runs before any weights load.
@@ -165,6 +165,26 @@ class CompareOptions(GenerationOptions):
         if self.batch_size < 1:
             raise ConfigError(f"'batch_size' must be at least 1, got {self.batch_size}")
         super().validate()
+
+
+@dataclass
+class WebOptions(GenerationOptions):
+    """A browser page (Gradio): chat with the base or a fine-tuned adapter, compare them all on one question."""
+
+    host: str = field(default="127.0.0.1", metadata=_help("Address to bind; 0.0.0.0 opens the page to the network."))
+    port: int = field(default=7860, metadata=_help("Port to serve the page on."))
+    reward_model: str | None = field(default=None, metadata=_help("Reward model folder: scores compare answers."))
+    reward_base_model: str | None = field(default=None, metadata=_help("Base of a reward-model adapter."))
+
+    def validate(self) -> None:
+        if not self.host:
+            raise ConfigError("'host' is empty; use 127.0.0.1 (this machine only) or 0.0.0.0 (the network)")
+        if not 1 <= self.port <= 65535:
+            raise ConfigError(f"'port' must be in 1..65535, got {self.port}")
+        _require_folder("reward_model", self.reward_model, "train_rm.py output_dir")
+        super().validate()
+        if len(self.settings()) > 1:
+            raise ConfigError("web takes one preset to start with (the page switches presets); compare runs several")
 
 
 @dataclass

@@ -205,6 +205,11 @@ class RLArguments(FinetuneArguments):
     beta: float = field(default=0.04, metadata={"help": "KL coefficient to the reference (0: no KL term)."})
     clip_range: float = field(default=0.2, metadata={"help": "PPO-clip epsilon of the probability ratio."})
     scale_rewards: bool = field(default=True, metadata={"help": "GRPO: divide by the group's std."})
+    gamma: float = field(default=1.0, metadata={"help": "PPO: discount over completion tokens."})
+    lam: float = field(default=0.95, metadata={"help": "PPO: GAE lambda."})
+    value_clip_range: float = field(default=0.2, metadata={"help": "PPO: clip of the value change per pass."})
+    vf_coef: float = field(default=0.1, metadata={"help": "PPO: weight of the value loss."})
+    whiten_rewards: bool = field(default=False, metadata={"help": "PPO: whiten the per-token rewards before GAE."})
     generation_preset: str = field(
         default="top_k", metadata=choices(*PRESETS, help="generate.py preset to sample with.")
     )
@@ -623,6 +628,10 @@ def validate_rl(args: RLArguments, source: str) -> None:
             raise ConfigError(f"{source}: '{key}' must be >= 1, got {getattr(args, key)}")
     if args.beta < 0 or not 0 < args.clip_range < 1:
         raise ConfigError(f"{source}: 'beta' must be >= 0 and 'clip_range' in (0, 1)")
+    if not (0 <= args.gamma <= 1 and 0 <= args.lam <= 1 and args.value_clip_range > 0 and args.vf_coef >= 0):
+        raise ConfigError(
+            f"{source}: PPO keys out of range: 'gamma' and 'lam' in [0, 1], 'value_clip_range' > 0, 'vf_coef' >= 0"
+        )
     if args.max_new_tokens >= args.max_seq_length:
         raise ConfigError(
             f"{source}: 'max_new_tokens' ({args.max_new_tokens}) leaves no room for a prompt in 'max_seq_length' "

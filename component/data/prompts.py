@@ -3,7 +3,9 @@ as the generation prompt, with the record's reply kept as the reference (for rul
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
+from pathlib import Path
 
 from component.config.training import RLArguments
 from component.data.conversation import Turn
@@ -86,3 +88,17 @@ def prepare_prompt_data(args: RLArguments, template: Template, training_args) ->
         build=lambda: build_splits(args, settings["seed"], read_prompt_rows, tokenize, NO_ROOM),
         label_columns=(),
     )
+
+
+def write_prompts_jsonl(dataset, tokenizer, path: str | Path) -> int:
+    """The prompts as JSONL for other RL stacks (OpenRLHF `--input_key prompt`, verl after a parquet conversion):
+    `prompt` is the rendered generation prompt (the template applied; special tokens left to the runtime's
+    tokenizer), `question` the last user turn, `reference` the record's reply."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as handle:
+        for row in dataset:
+            text = tokenizer.decode(row["prompt_ids"], skip_special_tokens=True)
+            record = {"prompt": text, "question": row["prompt"], "reference": row["reference"]}
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+    return len(dataset)

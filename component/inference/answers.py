@@ -51,7 +51,11 @@ def clean_answer(token_ids: list[int], tokenizer, template: Template) -> str:
     """The generated tokens up to the first stop token, decoded, cut at a stop string, stripped."""
     stops = set(template.stop_token_ids)
     end = next((i for i, token in enumerate(token_ids) if token in stops), len(token_ids))
-    text = tokenizer.decode(token_ids[:end], skip_special_tokens=True)
+    return clean_text(tokenizer.decode(token_ids[:end], skip_special_tokens=True), template)
+
+
+def clean_text(text: str, template: Template) -> str:
+    """Decoded answer text cut at the template's first stop string, stripped."""
     for stop in stop_strings(template):
         text = text.split(stop, 1)[0]
     return text.strip()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
 from typing import TextIO
 
 from component.config.generation import GenerationSettings
@@ -83,6 +85,20 @@ class ChatSession:
         if stream is not None and not streaming:
             stream.write(answer)
         return answer
+
+    def stream(self, query: str, stop: threading.Event | None = None) -> Iterator[str]:
+        """`ask` as a generator of the answer so far (the web page); setting `stop` ends it early, and the
+        answer given so far joins the history."""
+        from component.inference.engine import stream_answer
+
+        prompt = self.build_prompt(query)
+        self.last_prompt_ids = prompt
+        answer = ""
+        for answer in stream_answer(
+            self.model, self.tokenizer, self.template, prompt, self.settings, self.context, stop
+        ):
+            yield answer
+        self.history.append(Turn(query, answer))
 
 
 class OnnxChatSession(ChatSession):

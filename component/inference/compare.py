@@ -89,7 +89,7 @@ def compare_models(
     prompts = [template.encode_prompt(q.history, q.query, q.system) for q in questions]
     rows = []
     for settings in settings_list:
-        for label, switch, answer_fn in model_variants(model, tokenizer, template):
+        for label, switch, answer_fn in answerers(model, tokenizer, template):
             with switch():
                 answers = answer_fn(prompts, settings, batch_size, context)
             for index, (question, answer) in enumerate(zip(questions, answers)):
@@ -105,8 +105,8 @@ def compare_models(
 AnswerFn = Callable[[list[list[int]], GenerationSettings, int, int | None], list[str]]
 
 
-def model_variants(model, tokenizer, template: Template) -> list[tuple[str, Callable[[], Any], AnswerFn]]:
-    """(label, context manager that switches the model to it, answer function) per model to compare."""
+def answerers(model, tokenizer, template: Template) -> list[tuple[str, Callable[[], Any], AnswerFn]]:
+    """(label, context manager that switches the model to it, batch answer function) per model to compare."""
     from component.inference.onnx_engine import OnnxGenerator
 
     if isinstance(model, OnnxGenerator):  # checked first: the onnxruntime path never imports torch
@@ -115,7 +115,6 @@ def model_variants(model, tokenizer, template: Template) -> list[tuple[str, Call
         return [("onnx", contextlib.nullcontext, functools.partial(onnx_answers, model))]
 
     import torch
-    from peft import PeftModel
 
     from component.inference.engine import generate_answers
 
@@ -123,10 +122,17 @@ def model_variants(model, tokenizer, template: Template) -> list[tuple[str, Call
         torch.manual_seed(settings.seed)  # each model draws the same random numbers
         return generate_answers(model, tokenizer, template, prompts, settings, batch_size, context)
 
+    return [(label, switch, answer) for label, switch in model_variants(model)]
+
+
+def model_variants(model) -> list[tuple[str, Callable[[], Any]]]:
+    """(label, context manager that makes the model answer as it): "base" (adapters off), then each adapter."""
+    from peft import PeftModel
+
     if not isinstance(model, PeftModel):
-        return [("base", contextlib.nullcontext, answer)]
-    variants = [("base", model.disable_adapter, answer)]
-    return variants + [(name, functools.partial(active_adapter, model, name), answer) for name in model.peft_config]
+        return [("base", contextlib.nullcontext)]
+    variants: list[tuple[str, Callable[[], Any]]] = [("base", model.disable_adapter)]
+    return variants + [(name, functools.partial(active_adapter, model, name)) for name in model.peft_config]
 
 
 @contextlib.contextmanager

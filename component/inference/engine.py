@@ -6,16 +6,24 @@ data, so a fine-tuned model is asked in exactly the format it learned. Chat and 
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
 from typing import Any, TextIO
 
 import torch
-from transformers import TextStreamer
+from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer, TextStreamer
 
 from component.config.choices import TEMPLATES
 from component.config.generation import GenerationSettings
 from component.config.inference import ModelOptions
 from component.data.template import Template, get_template
-from component.inference.answers import clean_answer, context_length, room_to_answer, stop_strings  # noqa: F401 (re-exported)
+from component.inference.answers import (  # noqa: F401 (re-exported: chat, compare, RL, web import them from here)
+    clean_answer,
+    clean_text,
+    context_length,
+    room_to_answer,
+    stop_strings,
+)
 from component.model.loader import load_for_inference, load_tokenizer, read_train_args, tokenizer_folder
 
 
@@ -95,3 +103,70 @@ class StreamWriter(TextStreamer):
     def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
         self.stream.write(text)
         self.stream.flush()
+
+
+class StopOnEvent(StoppingCriteria):
+    """Ends generation at the next token once `event` is set (the web page's stop button)."""
+
+    def __init__(self, event: threading.Event) -> None:
+        self.event = event
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+def stream_answer(
+    model,
+    tokenizer,
+    template: Template,
+    prompt: list[int],
+    settings: GenerationSettings,
+    context: int | None = None,
+    stop: threading.Event | None = None,
+) -> Iterator[str]:
+    """The answer to one token-id prompt so far, yielded as tokens arrive; the last value is exactly what
+    `generate_answers` / `ChatSession.ask` return for it (`clean_answer`), cut short if `stop` was set.
+
+    model.generate runs in a thread feeding a TextIteratorStreamer; beam search cannot stream, so it yields
+    only the final answer. Closing the generator early stops the generation and waits for it to end, so the
+    caller's hold on the model (a lock, an active adapter) outlasts the generation.
+    """
+    stop = stop or threading.Event()
+    kwargs = generate_kwargs(tokenizer, template, settings)
+    kwargs["max_new_tokens"] = room_to_answer(settings, len(prompt), context)
+    kwargs["stopping_criteria"] = StoppingCriteriaList([StopOnEvent(stop)])
+    streamer = None
+    if settings.num_beams == 1:
+        streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        kwargs["streamer"] = streamer
+    input_ids = torch.tensor([prompt], device=model_device(model))
+    result: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            with torch.inference_mode():  # thread-local: the caller's mode does not reach this thread
+                result["output"] = model.generate(
+                    input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kwargs
+                )
+        except BaseException as error:  # re-raised in the caller's thread
+            result["error"] = error
+            if streamer is not None:
+                streamer.end()  # unblock the reader below
+
+    thread = threading.Thread(target=run, name="generate", daemon=True)
+    thread.start()
+    finished = False
+    try:
+        text = ""
+        for piece in streamer or ():
+            text += piece
+            yield clean_text(text, template)
+        thread.join()
+        finished = True
+    finally:
+        if not finished:  # the reader went away (closed generator, error): end the generation first
+            stop.set()
+            thread.join()
+    if "error" in result:
+        raise result["error"]
+    yield clean_answer(result["output"][0, len(prompt) :].tolist(), tokenizer, template)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-MODEL_TITLES = {"base": "Base", "sft": "Fine-tuned (SFT)", "dpo": "DPO", "rl": "RL"}
+MODEL_TITLES = {"base": "Base", "sft": "Fine-tuned (SFT)", "dpo": "DPO", "sft_short": "SFT (80 steps)", "rl": "RL"}
 
 
 def title(label: str) -> str:

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from peft import PeftModel
 from torch import nn
 
 from component.config.errors import InputError
@@ -83,6 +84,8 @@ def load_reward_scorer(
 ) -> RewardScorer:
     """conversations -> scores with the reward model of `path`; long prompts are cut as in its training."""
     model, tokenizer, template_name = load_reward_model(path, base_model=base_model, quantization=quantization)
+    if quantization is None and isinstance(model, PeftModel):  # frozen: one merged weight per layer, not base + LoRA
+        model = model.merge_and_unload()
     if max_seq_length is None:
         max_seq_length = read_train_args(path).get("max_seq_length")
 

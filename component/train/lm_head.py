@@ -55,6 +55,7 @@ class OutputHead:
     scale: float = 1.0  # Cohere `logit_scale` (multiplies), Granite `logits_scaling` (divides)
     softcap: float | None = None  # Gemma-2 `final_logit_softcapping`: cap * tanh(logits / cap)
     z_loss_weight: float = 0.0  # Baichuan2's z-loss, weight * max_logit^2 per label token
+    temperature: float = 1.0  # online RL: the log-probs of the distribution the completions were sampled from
 
     @classmethod
     def of(cls, model: nn.Module) -> OutputHead:
@@ -82,6 +83,8 @@ class OutputHead:
             logits = logits * self.scale
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
+        if self.temperature != 1.0:
+            logits = logits / self.temperature
         return logits.float()
 
 

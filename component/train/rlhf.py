@@ -3,19 +3,22 @@
 Each batch of prompts becomes a rollout: `num_generations` sampled completions per prompt (the policy's own
 `generate`, KV cache, the template's stop tokens and strings), their rewards (the reward model re-renders each
 conversation in its own template, plus rule rewards), the policy's and the reference's per-token log-probs, and
-the advantages (GRPO: group-normalised; RLOO: leave-one-out with the KL in the reward). The loss reuses the
+the advantages (GRPO: group-normalised; RLOO: leave-one-out with the KL in the reward; PPO: GAE with a value head
+trained jointly, the KL as a per-token reward). The loss reuses the
 rollout for `num_iterations` optimisation passes (the sampler repeats each global batch). The reference shares
 the policy's base: the adapter switched off, or a frozen copy of a continued adapter.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import math
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -33,12 +36,18 @@ from component.train.guards import ReliableTrainerMixin
 from component.train.lm_head import DEFAULT_CHUNK_SIZE, OutputHead, decoder_hidden_states, token_logprobs
 from component.train.rl import (
     clipped_policy_loss,
+    clipped_value_loss,
+    explained_variance,
+    gae,
     group_advantages,
     kl_per_token,
     leave_one_out_advantages,
     masked_mean,
     sequence_clipped_loss,
+    token_rewards,
+    whiten,
 )
+from component.train.value_head import attach_value_head, load_value_head, save_value_head
 
 SAMPLES_PER_LOG = 4
 
@@ -71,32 +80,48 @@ class RepeatSampler(Sampler[int]):
         return self.size * self.repeat
 
 
+class CompletionStats(NamedTuple):
+    logps: torch.Tensor  # [N, C] log-probs of the completion tokens, 0 on padding
+    entropy: torch.Tensor | None  # [N, C] the policy's entropy at each completion token (no gradient)
+    values: torch.Tensor | None  # [N, C] PPO's value of the state before each completion token
+
+
 def completion_logps(
-    model: nn.Module, batch: dict[str, torch.Tensor], chunk: int = DEFAULT_CHUNK_SIZE, entropy: bool = False
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-token log-probs [N, C] of the completion tokens (0 on padding); with `entropy`, also the per-token
-    entropy of the policy's distribution (no gradient). Logits only at completion positions, in chunks."""
+    model: nn.Module,
+    batch: dict[str, torch.Tensor],
+    chunk: int = DEFAULT_CHUNK_SIZE,
+    entropy: bool = False,
+    value_head: nn.Module | None = None,
+    temperature: float = 1.0,
+) -> CompletionStats:
+    """Per-token log-probs of the completion tokens from one decoder pass, of the logits / `temperature` (the
+    distribution sampled from); with `entropy`, the per-token entropy; with a `value_head`, its values on the same
+    hidden states. Logits only at completion positions, in chunks."""
     inputs = {key: batch[key] for key in ("input_ids", "attention_mask", "position_ids")}
     hidden = decoder_hidden_states(model, inputs)
     prompt = batch["input_ids"].shape[1] - batch["completion_ids"].shape[1]
     mask = batch["completion_mask"].bool()
     states = hidden[:, prompt - 1 : -1][mask]  # position t predicts token t + 1
-    head = OutputHead.of(model)
+    head = dataclasses.replace(OutputHead.of(model), temperature=temperature)
     values = token_logprobs(states, batch["completion_ids"][mask], head, chunk)
-    logps = torch.zeros(mask.shape, dtype=values.dtype, device=values.device).masked_scatter(mask, values)
-    if not entropy:
-        return logps, None
-    with torch.no_grad():
-        pieces = []
-        for start in range(0, states.shape[0], chunk):
-            log_probs = torch.log_softmax(head.logits(states[start : start + chunk].detach()), -1)
-            pieces.append(-(log_probs.exp() * log_probs).sum(-1))
-        flat = torch.cat(pieces) if pieces else values.new_zeros(0)
-    return logps, torch.zeros(mask.shape, dtype=flat.dtype, device=flat.device).masked_scatter(mask, flat)
+
+    def spread(flat: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(mask.shape, dtype=flat.dtype, device=flat.device).masked_scatter(mask, flat)
+
+    entropies = None
+    if entropy:
+        with torch.no_grad():
+            pieces = []
+            for start in range(0, states.shape[0], chunk):
+                log_probs = torch.log_softmax(head.logits(states[start : start + chunk].detach()), -1)
+                pieces.append(-(log_probs.exp() * log_probs).sum(-1))
+            entropies = spread(torch.cat(pieces) if pieces else values.new_zeros(0))
+    state_values = spread(value_head(states)) if value_head is not None else None
+    return CompletionStats(spread(values), entropies, state_values)
 
 
 class RLTrainer(ReliableTrainerMixin, Trainer):
-    """GRPO / RLOO over prompt batches (rows of `data.prompts`); see the module docstring."""
+    """GRPO / RLOO / PPO over prompt batches (rows of `data.prompts`); see the module docstring."""
 
     loss_is_scaled_for_ga = False
 
@@ -111,6 +136,11 @@ class RLTrainer(ReliableTrainerMixin, Trainer):
         beta: float = 0.04,
         clip_range: float = 0.2,
         scale_rewards: bool = True,
+        gamma: float = 1.0,
+        lam: float = 0.95,
+        value_clip_range: float = 0.2,
+        vf_coef: float = 0.1,
+        whiten_rewards: bool = False,
         reward_scorer: RewardScorer | None = None,
         reward_model_weight: float = 1.0,
         exact_match_weight: float = 0.0,
@@ -123,6 +153,7 @@ class RLTrainer(ReliableTrainerMixin, Trainer):
         **kwargs,
     ) -> None:
         kwargs.setdefault("data_collator", list)
+        self.value_head = attach_value_head(kwargs["model"]) if algorithm == "ppo" else None
         super().__init__(*args, **kwargs)
         self.template, self.settings, self.algorithm = template, settings, algorithm
         self.num_generations, self.num_iterations, self.beta, self.clip_range = (
@@ -132,11 +163,14 @@ class RLTrainer(ReliableTrainerMixin, Trainer):
             clip_range,
         )
         self.scale_rewards, self.reference, self.sample_log_steps = scale_rewards, reference, sample_log_steps
+        self.gamma, self.lam, self.value_clip_range, self.vf_coef = gamma, lam, value_clip_range, vf_coef
+        self.whiten_rewards = whiten_rewards
         self.reward_scorer, self.reward_model_weight = reward_scorer, reward_model_weight
         self.exact_match_weight = exact_match_weight
         self.reward_function, self.reward_function_weight = reward_function, reward_function_weight
         self.mask_truncated_completions = mask_truncated_completions
         self.chunk = chunk
+        self.temperature = settings.temperature if settings.do_sample else 1.0  # log-probs of what is sampled
         self.model_accepts_loss_kwargs = False
         self.label_names = []
         self._rollouts: dict[tuple, dict] = {}
@@ -233,19 +267,38 @@ class RLTrainer(ReliableTrainerMixin, Trainer):
             "completion_mask": completion_mask,
         }
         model = self.model
+        entropy = values = None
         with torch.no_grad():
-            old_logps, entropy = completion_logps(model, batch, self.chunk, entropy=True)
+            if self.algorithm != "grpo" or self.num_iterations > 1:  # GRPO's one pass: the loss pass is the old policy
+                batch["old_logps"], entropy, values = completion_logps(
+                    model, batch, self.chunk, True, self.value_head, self.temperature
+                )
             with as_reference(model, self.reference) as reference:
-                ref_logps, _ = completion_logps(reference, batch, self.chunk)
-        total = rewards["total"]
-        if self.algorithm == "rloo":  # the KL penalty is part of RLOO's sequence reward
-            kl = ((old_logps - ref_logps) * completion_mask).sum(-1)
-            advantages = leave_one_out_advantages(total - self.beta * kl, self.num_generations)
-        else:
-            advantages = group_advantages(total, self.num_generations, self.scale_rewards)
-        batch.update(old_logps=old_logps, ref_logps=ref_logps, advantages=advantages)
+                batch["ref_logps"] = completion_logps(reference, batch, self.chunk, temperature=self.temperature).logps
+        if values is not None:
+            batch["old_values"] = values
+        batch.update(self.advantages(rewards["total"], batch))
+        if values is not None:
+            self._logged["explained_variance"].append(
+                explained_variance(values, batch["returns"], completion_mask).item()
+            )
         self.record_rollout(rows, completions, rewards, completion_mask, ended, entropy)
         return batch
+
+    def advantages(self, total: torch.Tensor, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """GRPO: group-normalised; RLOO: leave-one-out of the KL-penalised reward; PPO: GAE on per-token rewards
+        (the score on the last token, -beta * KL on each) with the rollout's values, whitened."""
+        mask, logps, ref_logps = batch["completion_mask"], batch.get("old_logps"), batch["ref_logps"]
+        if self.algorithm == "grpo":
+            return {"advantages": group_advantages(total, self.num_generations, self.scale_rewards)}
+        if self.algorithm == "rloo":
+            kl = ((logps - ref_logps) * mask).sum(-1)
+            return {"advantages": leave_one_out_advantages(total - self.beta * kl, self.num_generations)}
+        rewards = token_rewards(total, logps, ref_logps, mask, self.beta)
+        if self.whiten_rewards:
+            rewards = whiten(rewards, mask, shift_mean=False) * mask
+        advantages, returns = gae(rewards, batch["old_values"], mask, self.gamma, self.lam)
+        return {"advantages": whiten(advantages, mask) * mask, "returns": returns}
 
     def record_rollout(self, rows, completions, rewards, completion_mask, ended, entropy) -> None:
         for name, values in rewards.items():
@@ -254,7 +307,8 @@ class RLTrainer(ReliableTrainerMixin, Trainer):
         lengths = completion_mask.sum(-1).float()
         self._logged["completions/mean_length"].append(lengths.mean().item())
         self._logged["completions/truncated"].append(1 - ended.float().mean().item())
-        self._logged["entropy"].append(masked_mean(entropy, completion_mask).item())
+        if entropy is not None:  # else the loss pass logs it
+            self._logged["entropy"].append(masked_mean(entropy, completion_mask).item())
         if self.state.global_step % self.sample_log_steps == 0 and self.is_world_process_zero():
             path = Path(self.args.output_dir) / "samples.jsonl"
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -267,13 +321,26 @@ class RLTrainer(ReliableTrainerMixin, Trainer):
 
     # --- the loss -------------------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        logps, _ = completion_logps(model, inputs, self.chunk)
+        # Where the rollout skipped its policy pass (GRPO, one iteration), this pass also gives the entropy.
+        logps, entropy, values = completion_logps(
+            model, inputs, self.chunk, "old_logps" not in inputs, self.value_head, self.temperature
+        )
         mask = inputs["completion_mask"]
+        if entropy is not None:
+            self._logged["entropy"].append(masked_mean(entropy, mask).item())
         # One pass per rollout: the rollout's log-probs are these (ratio exactly 1); later passes use the stored ones.
         old = logps.detach() if self.num_iterations == 1 else inputs["old_logps"]
         if self.algorithm == "rloo":
             loss = sequence_clipped_loss(logps, old, inputs["advantages"], mask, self.clip_range)
             stats = {"kl": masked_mean(kl_per_token(logps.detach(), inputs["ref_logps"]), mask)}
+        elif self.algorithm == "ppo":  # the KL is in the per-token reward, not in the loss
+            loss, stats = clipped_policy_loss(logps, old, inputs["advantages"], mask, self.clip_range)
+            stats["kl"] = masked_mean(kl_per_token(logps.detach(), inputs["ref_logps"]), mask)
+            value_loss, stats["value_clip_fraction"] = clipped_value_loss(
+                values, inputs["old_values"], inputs["returns"], mask, self.value_clip_range
+            )
+            stats["value_loss"] = value_loss.detach()
+            loss = loss + self.vf_coef * value_loss
         else:
             loss, stats = clipped_policy_loss(
                 logps, old, inputs["advantages"], mask, self.clip_range, inputs["ref_logps"], self.beta
@@ -281,6 +348,17 @@ class RLTrainer(ReliableTrainerMixin, Trainer):
         for name, value in stats.items():
             self._logged[name].append(float(value))
         return (loss, {}) if return_outputs else loss
+
+    # --- the value head travels with the adapter and every checkpoint ---------------------------------------------
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        super()._save(output_dir, state_dict)
+        if self.value_head is not None:
+            save_value_head(self.value_head, output_dir or self.args.output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if self.value_head is not None:
+            load_value_head(self.value_head, resume_from_checkpoint)
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if self._logged and "loss" in logs:

@@ -108,12 +108,14 @@ train_rlhf.main(["--train_args_file", {args!r}])
 """
 
 
-def test_two_process_torchrun_trains_and_saves_once(tiny_llama_dir, tmp_path):
-    args = rl_args(tmp_path, tiny_llama_dir, max_steps=2, per_device_train_batch_size=2)
+@pytest.mark.parametrize("algorithm", ["grpo", "ppo"])
+def test_two_process_torchrun_trains_and_saves_once(tiny_llama_dir, tmp_path, algorithm):
+    args = rl_args(tmp_path, tiny_llama_dir, algorithm=algorithm, max_steps=2, per_device_train_batch_size=2)
     script = tmp_path / "run.py"
     script.write_text(DDP_SCRIPT.format(repo=str(REPO), args=args), encoding="utf-8")
     result = run_torchrun(script)
     assert (tmp_path / "out/adapter_model.safetensors").is_file()
+    assert (tmp_path / "out/value_head.safetensors").is_file() == (algorithm == "ppo")
     assert result.stdout.count("'loss'") + result.stderr.count("'loss'") >= 1
 
 
@@ -140,6 +142,16 @@ def test_settings_that_cannot_work_name_the_key(tiny_llama_dir, tmp_path):
         train_rlhf.main(["--train_args_file", rl_args(tmp_path, tiny_llama_dir, algorithm="rloo", num_generations=1)])
     with pytest.raises(ConfigError, match="leaves no room"):
         train_rlhf.main(["--train_args_file", rl_args(tmp_path, tiny_llama_dir, max_new_tokens=64)])
+    with pytest.raises(ConfigError, match="PPO keys out of range"):
+        train_rlhf.main(["--train_args_file", rl_args(tmp_path, tiny_llama_dir, algorithm="ppo", lam=1.5)])
+
+
+def test_a_reward_model_that_is_not_one_is_refused(tiny_llama_dir, tmp_path):
+    from component.config.errors import UserFacingError
+
+    args = rl_args(tmp_path, tiny_llama_dir, reward_model=str(tiny_llama_dir))  # a causal LM, not a train_rm.py output
+    with pytest.raises(UserFacingError, match="expected a train_rm.py output_dir"):
+        train_rlhf.main(["--train_args_file", args])
 
 
 def shipped_rl_config(tmp_path: Path, name: str, model: Path, data: Path, **overrides) -> str:
@@ -184,3 +196,46 @@ def test_rloo_qwen_config_reads_prompts_from_a_preference_file(tmp_path, tiny_ll
 
     text = load_tokenizer(str(tiny_llama_dir)).decode(preview["prompt_ids"])
     assert text.endswith("<|im_start|>assistant\n")  # the generation prompt of the chat template
+    prompts = [json.loads(line) for line in (tmp_path / "out/prompts.jsonl").read_text().splitlines()]
+    assert len(prompts) == 5 and prompts[0]["prompt"].endswith("assistant\n")  # for OpenRLHF / verl
+    assert prompts[0]["question"] in prompts[0]["prompt"] and prompts[0]["reference"]
+
+
+def test_ppo_learns_and_saves_its_value_head(tiny_llama_dir, tmp_path):
+    args = rl_args(tmp_path, tiny_llama_dir, algorithm="ppo", max_steps=12, learning_rate=0.01, max_samples=16)
+    trainer = train_rlhf.main(["--train_args_file", args])
+    logged = [e for e in trainer.state.log_history if "loss" in e]
+    rewards = [e["rewards/total/mean"] for e in logged]
+    assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3  # shorter answers, as rewarded
+    for key in ("value_loss", "explained_variance", "value_clip_fraction", "kl", "clip_fraction", "entropy"):
+        assert key in logged[0], key
+    assert logged[-1]["explained_variance"] > logged[0]["explained_variance"]  # the value head learns
+    saved = load_file(tmp_path / "out/value_head.safetensors")
+    head = trainer.value_head.state_dict()
+    assert set(saved) == {"summary.weight", "summary.bias"} and saved["summary.weight"].abs().sum() > 0
+    for key in saved:
+        torch.testing.assert_close(saved[key], head[key].cpu(), rtol=0, atol=0)
+
+
+def test_ppo_resume_restores_policy_and_value_head(tiny_llama_dir, tmp_path):
+    def args(name: str) -> str:
+        return rl_args(
+            tmp_path / name,
+            tiny_llama_dir,
+            algorithm="ppo",
+            max_steps=4,
+            save_strategy="steps",
+            save_steps=2,
+            learning_rate=0.01,
+        )
+
+    train_rlhf.main(["--train_args_file", args("straight")])
+    resumed = args("resumed")
+    train_rlhf.main(["--train_args_file", resumed], callbacks=[StopAfterStepCallback(2)])
+    assert (tmp_path / "resumed/out/checkpoint-2/value_head.safetensors").is_file()
+    train_rlhf.main(["--train_args_file", resumed, "--resume_from_checkpoint", "true"])
+    for name in ("adapter_model.safetensors", "value_head.safetensors"):
+        straight = load_file(tmp_path / "straight/out" / name)
+        again = load_file(tmp_path / "resumed/out" / name)
+        for key in straight:
+            torch.testing.assert_close(again[key], straight[key], rtol=0, atol=1e-6)

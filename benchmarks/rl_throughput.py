@@ -1,0 +1,309 @@
+"""Online RL (GRPO) throughput and memory: train_rlhf.py against TRL's GRPOTrainer, same model, reward and prompts.
+
+    python benchmarks/rl_throughput.py                        # each mode once
+    python benchmarks/rl_throughput.py --repeats 3 --json out.json
+    python benchmarks/rl_throughput.py --beta 0                # TRL's default beta (no reference pass)
+
+The policy is the demo base model (config/demo/model/config.json: Llama-shaped, hidden 128, 4 layers, the demo's
+304-token tokenizer; random init, fp32) with a new LoRA (r 16, alpha 32, every linear layer but the head). The
+reward model is a train_rm.py-style LoRA sequence-classification folder on the same base (random LoRA and score
+head): ours reads the adapter folder (`reward_model`), TRL gets it merged into a plain
+`AutoModelForSequenceClassification` folder (component/export/merge.py, fp32) as its `reward_funcs`. The prompts
+are the first `--prompts` questions of data/demo/digits_train.jsonl, rendered by our human_assistant template;
+TRL gets the same token ids (the rendered text, its special tokens included).
+
+Both run GRPO with the same group and batch: `--batch-size` prompts x `--generations` completions per step
+(TRL's `per_device_train_batch_size` counts completions, ours prompts), `--max-new-tokens`, `--steps` steps,
+sampling at temperature 1 with top-k 50 (our "top_k" preset; TRL's default top_k 0 is set to 50), the same
+`--beta`, learning rate 1e-5 (constant), one optimisation pass per rollout. Ours runs with its defaults
+(`train_rlhf.main`: the recipe's data path, the template's stop token and stop string). TRL runs with its defaults
+except `bf16` and `gradient_checkpointing` off (both train in fp32 without recomputation, as ours does), `top_k`,
+`beta` and the sizes above.
+
+Each mode runs in its own process (peak RSS is the whole process's VmHWM), modes alternate across repeats,
+the table gives medians: completions/s (completions / wall time of `trainer.train()`), completions per CPU-second
+of the process during `trainer.train()` (with `--threads 1`, the work done, which other processes on the cores
+disturb far less than the wall time), peak RSS, the mean completion length (a run that stops earlier generates
+less) and the mean reward-model score.
+TRL is a benchmark-only dependency (requirements-dev.txt); without it its mode is skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from transformers import TrainerCallback  # noqa: E402
+
+from benchmarks.sft_throughput import load_average, machine, run_worker  # noqa: E402
+
+MODES = {"ours": "ours: train_rlhf.py (grpo)", "trl_default": "TRL GRPOTrainer"}
+LORA = {"lora_rank": 16, "lora_alpha": 32, "lora_dropout": 0.0}
+TEMPLATE = "human_assistant"
+TOP_K = 50  # our "top_k" preset (temperature 1, top-p 1)
+
+
+def build_workdir(workdir: Path, prompts: int) -> None:
+    """The base model, the prompts (JSONL as our readers take them), the reward adapter and its merged copy."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    from component.demo_assets import build_tiny_model, build_tokenizer
+    from component.export.merge import merge_adapter
+
+    if (workdir / "rm_merged" / "config.json").is_file():  # written last
+        return
+    workdir.mkdir(parents=True, exist_ok=True)
+    config = json.loads((REPO / "config/demo/model/config.json").read_text(encoding="utf-8"))
+    tokenizer = build_tokenizer()
+    build_tiny_model(workdir / "model", config=config, seed=0, tokenizer=tokenizer)
+    lines = (REPO / "data/demo/digits_train.jsonl").read_text(encoding="utf-8").splitlines()[:prompts]
+    (workdir / "prompts.jsonl").write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    from component.data.template import get_template
+
+    template = get_template(TEMPLATE, tokenizer)
+    rendered = []
+    for line in lines:  # TRL's prompts: our rendering as text, special tokens kept, so its tokenizer gives our ids
+        ids = template.encode_prompt([], json.loads(line)["input"])
+        rendered.append(tokenizer.decode(ids, skip_special_tokens=False))
+        assert tokenizer(rendered[-1])["input_ids"] == ids
+    (workdir / "trl_prompts.json").write_text(json.dumps(rendered, ensure_ascii=False), encoding="utf-8")
+
+    import torch
+
+    torch.manual_seed(0)
+    reward = AutoModelForSequenceClassification.from_pretrained(
+        workdir / "model", num_labels=1, pad_token_id=tokenizer.pad_token_id
+    )
+    lora = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", modules_to_save=["score"], task_type="SEQ_CLS")
+    reward = get_peft_model(reward, lora)
+    with torch.no_grad():  # a reward model that is not constant: LoRA B away from 0
+        for name, parameter in reward.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.02)
+    reward.save_pretrained(workdir / "rm")
+    tokenizer.save_pretrained(workdir / "rm")
+    train_args = {"model_name_or_path": str(workdir / "model"), "template": TEMPLATE, "max_seq_length": 128}
+    (workdir / "rm" / "train_args.json").write_text(json.dumps(train_args), encoding="utf-8")
+    merge_adapter(str(workdir / "rm"), str(workdir / "rm_merged"), dtype="float32")
+
+
+class WallClock(TrainerCallback):
+    """Times `trainer.train()` from its train-begin to its train-end callback: wall and this process's CPU time."""
+
+    started = ended = cpu_started = cpu_ended = 0.0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started, self.cpu_started = time.perf_counter(), time.process_time()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.ended, self.cpu_ended = time.perf_counter(), time.process_time()
+
+
+def run_ours(workdir: Path, options: argparse.Namespace, clock) -> tuple:
+    import train_rlhf
+
+    args = {
+        "model_name_or_path": str(workdir / "model"),
+        "train_file": str(workdir / "prompts.jsonl"),
+        "template": TEMPLATE,
+        "max_seq_length": 128,
+        "finetuning_type": "lora",
+        **LORA,
+        "algorithm": "grpo",
+        "reward_model": str(workdir / "rm"),
+        "num_generations": options.generations,
+        "beta": options.beta,
+        "generation_preset": "top_k",
+        "max_new_tokens": options.max_new_tokens,
+        "output_dir": str(workdir / "ours_out"),
+        "data_cache_dir": str(workdir / "cache"),
+        "per_device_train_batch_size": options.batch_size,
+        "per_device_eval_batch_size": options.batch_size * options.generations,
+        "max_steps": options.steps,
+        "learning_rate": 1e-5,
+        "lr_scheduler_type": "constant",
+        "logging_steps": 1,
+        "sample_log_steps": 1000,
+        "save_strategy": "no",
+        "report_to": [],
+        "seed": 0,
+        "dataloader_num_workers": 0,
+    }
+    path = workdir / "ours_args.json"
+    path.write_text(json.dumps(args), encoding="utf-8")
+    trainer = train_rlhf.main(["--train_args_file", str(path)], callbacks=[clock])
+    history = trainer.state.log_history
+    return trainer.state.global_step, history, "rewards/reward_model/mean"
+
+
+def run_trl(workdir: Path, options: argparse.Namespace, clock) -> tuple:
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import GRPOConfig, GRPOTrainer
+
+    # Nothing of ours is imported here: TRL's process holds only what TRL needs.
+    tokenizer = AutoTokenizer.from_pretrained(workdir / "model")
+    prompts = json.loads((workdir / "trl_prompts.json").read_text(encoding="utf-8"))
+    config = GRPOConfig(
+        output_dir=str(workdir / "trl_out"),
+        per_device_train_batch_size=options.batch_size * options.generations,
+        num_generations=options.generations,
+        max_completion_length=options.max_new_tokens,
+        top_k=TOP_K,
+        beta=options.beta,
+        max_steps=options.steps,
+        learning_rate=1e-5,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        seed=0,
+        bf16=False,
+        gradient_checkpointing=False,
+        use_cpu=True,
+        dataloader_num_workers=0,
+    )
+    peft_config = LoraConfig(
+        r=LORA["lora_rank"], lora_alpha=LORA["lora_alpha"], lora_dropout=0.0, target_modules="all-linear"
+    )
+    trainer = GRPOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(workdir / "model"),
+        reward_funcs=str(workdir / "rm_merged"),
+        args=config,
+        train_dataset=Dataset.from_dict({"prompt": prompts}),
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=[clock],
+    )
+    trainer.train()
+    return trainer.state.global_step, trainer.state.log_history, "rewards/rm_merged/mean"
+
+
+def peak_rss_mib() -> float:
+    """This process's own peak RSS: VmHWM, not ru_maxrss, which keeps the launching process's peak across exec."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_mode(mode: str, workdir: Path, options: argparse.Namespace) -> dict:
+    import torch
+
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    clock = WallClock()
+    steps, history, reward_key = (run_trl if mode == "trl_default" else run_ours)(workdir, options, clock)
+    wall = clock.ended - clock.started
+    completions = steps * options.batch_size * options.generations
+    logged = [e for e in history if "completions/mean_length" in e]
+    rewards = [e[reward_key] for e in history if reward_key in e]
+    return {
+        "mode": mode,
+        "completions": completions,
+        "completions_per_s": completions / wall,
+        "wall_s": wall,
+        "cpu_s": clock.cpu_ended - clock.cpu_started,
+        "completions_per_cpu_s": completions / (clock.cpu_ended - clock.cpu_started),
+        "peak_rss_mib": peak_rss_mib(),
+        "steps": steps,
+        "mean_length": statistics.mean(e["completions/mean_length"] for e in logged),
+        "reward": statistics.mean(rewards) if rewards else float("nan"),
+    }
+
+
+def table(rows: list[dict]) -> str:
+    base = next((r for r in rows if r["mode"] == "trl_default"), None)
+    lines = [
+        "| mode | completions/s | vs TRL | completions/CPU-s | vs TRL | peak RSS MiB | vs TRL | steps | mean length "
+        "| mean RM score |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        speed = f"{r['completions_per_s'] / base['completions_per_s']:.2f}x" if base else "-"
+        work = f"{r['completions_per_cpu_s'] / base['completions_per_cpu_s']:.2f}x" if base else "-"
+        memory = f"{r['peak_rss_mib'] / base['peak_rss_mib']:.2f}x" if base else "-"
+        lines.append(
+            f"| {MODES[r['mode']]} | {r['completions_per_s']:.1f} | {speed} | {r['completions_per_cpu_s']:.1f} | {work} "
+            f"| {r['peak_rss_mib']:.0f} | {memory} | {r['steps']} | {r['mean_length']:.1f} | {r['reward']:.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
+    parser.add_argument("--batch-size", type=int, default=8, help="prompts per step")
+    parser.add_argument("--generations", type=int, default=4, help="completions per prompt")
+    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--beta", type=float, default=0.04, help="KL weight in both (ours: 0.04, TRL's default: 0)")
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per run (0: torch's default)")
+    parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    options = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if options.worker:
+        print("RESULT " + json.dumps(run_mode(options.worker, options.workdir, options)), flush=True)
+        return
+    with tempfile.TemporaryDirectory() as scratch:
+        workdir = options.workdir or Path(scratch)
+        build_workdir(workdir, options.batch_size * options.steps)
+        modes = list(options.modes)
+        try:
+            import trl  # noqa: F401
+        except ImportError:
+            print("trl is not installed: skipping its mode", file=sys.stderr)
+            modes = [m for m in modes if m != "trl_default"]
+        print(f"machine: {machine()}\nload average before: {load_average()}", flush=True)
+        runs: dict[str, list[dict]] = {m: [] for m in modes}
+        forwarded = ["--batch-size", str(options.batch_size), "--generations", str(options.generations)]
+        forwarded += ["--max-new-tokens", str(options.max_new_tokens), "--steps", str(options.steps)]
+        forwarded += ["--beta", str(options.beta), "--threads", str(options.threads)]
+        for repeat in range(options.repeats):
+            for mode in modes[repeat % len(modes) :] + modes[: repeat % len(modes)]:
+                command = [sys.executable, __file__, "--worker", mode, "--workdir", str(workdir), *forwarded]
+                run = run_worker(command, mode)
+                runs[mode].append(run)
+                print(f"  [{repeat + 1}/{options.repeats}] {mode}: {run['completions_per_s']:.1f} completions/s, "
+                      f"{run['peak_rss_mib']:.0f} MiB, mean length {run['mean_length']:.1f} "
+                      f"(load {load_average()})", flush=True)  # fmt: skip
+        rows = []
+        for mode in modes:
+            row = dict(runs[mode][0])
+            for key in (
+                "completions_per_s",
+                "completions_per_cpu_s",
+                "wall_s",
+                "cpu_s",
+                "peak_rss_mib",
+                "mean_length",
+                "reward",
+            ):
+                row[key] = statistics.median(r[key] for r in runs[mode])
+            rows.append(row)
+        print(f"load average after: {load_average()}")
+        print(table(rows))
+        if options.json:
+            options.json.write_text(json.dumps({"machine": machine(), "runs": runs, "table": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
