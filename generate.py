@@ -42,16 +42,17 @@ USAGE = (
 
 
 def chat(options: ChatOptions) -> None:
-    from component.inference.chat import ChatSession, chat_loop
-    from component.inference.engine import load_for_generation
+    from component.inference.backends import load_generator
+    from component.inference.chat import ChatSession, OnnxChatSession, chat_loop
 
     settings = options.settings()
     if len(settings) > 1:
         raise ConfigError("chat takes one preset; compare runs several")
     if len(options.adapters()) > 1:
         raise ConfigError("chat takes one adapter; compare runs several")
-    model, tokenizer, template = load_for_generation(options)
-    session = ChatSession(model, tokenizer, template, settings[0], options.system, options.max_context)
+    model, tokenizer, template = load_generator(options)
+    session_class = OnnxChatSession if options.backend == "onnxruntime" else ChatSession
+    session = session_class(model, tokenizer, template, settings[0], options.system, options.max_context)
     print(f"[{settings[0].describe()} | template {template.name}]")
     chat_loop(session, sys.stdin, sys.stdout, "User: " if sys.stdin.isatty() else "", options.show_prompt)
 
@@ -81,6 +82,8 @@ def score(options: ScoreOptions) -> None:
 
 
 def web(options: WebOptions) -> None:
+    if options.backend != "torch":
+        raise ConfigError("generate.py web runs --backend torch; an exported ONNX model answers in chat and compare")
     try:
         from component.inference.web.page import serve
     except ModuleNotFoundError as error:

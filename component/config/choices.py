@@ -11,6 +11,7 @@ MERGE_DTYPES = ("bfloat16", "float16", "float32")
 EXPORT_FORMATS = ("hf", "gguf", "onnx")
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
 ONNX_DTYPES = ("float32", "float16")
+GENERATION_BACKENDS = ("torch", "onnxruntime")  # generate.py: PyTorch model, or an export.py --format onnx folder
 LOGITS_PATHS = ("chunked", "model")  # train.lm_head: label positions in chunks, or the model's own forward
 
 SFT_FORMATS = ("belle", "firefly", "moss", "moss_firefly", "safety_prompts", "alpaca", "sharegpt", "openai")

@@ -10,7 +10,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from component.config.choices import EXPORT_FORMATS, GGUF_TYPES, MERGE_DTYPES, ONNX_DTYPES, QUANTIZATIONS, TEMPLATES
+from component.config.choices import (
+    EXPORT_FORMATS,
+    GENERATION_BACKENDS,
+    GGUF_TYPES,
+    MERGE_DTYPES,
+    ONNX_DTYPES,
+    QUANTIZATIONS,
+    TEMPLATES,
+)
 from component.config.generation import GENERATION_KEYS, PRESETS, SAMPLING_KEYS, GenerationSettings, resolve_settings
 from component.config.parser import (
     ConfigError,
@@ -97,6 +105,12 @@ class GenerationOptions(ModelOptions):
     seed: int | None = field(default=None, metadata=_help("Random seed (default 42)."))
     preset: str | list[str] | None = field(
         default=None, metadata=_help("Preset name(s), comma-separated or a list: " + ", ".join(PRESETS))
+    )
+    backend: str = field(
+        default="torch",
+        metadata=choices(
+            *GENERATION_BACKENDS, help="torch, or onnxruntime: model_name_or_path is an export.py --format onnx folder."
+        ),
     )
 
     def generation_overrides(self) -> dict[str, Any]:

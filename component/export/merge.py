@@ -34,6 +34,23 @@ def merge_adapter(
     trust_remote_code: bool = False,
 ) -> Path:
     """Merge `adapter` into its base (default: the adapter's own base) and save to `output_dir`."""
+    merged, tokenizer = merged_model(adapter, model_name_or_path, dtype, quantization, trust_remote_code)
+    output = Path(output_dir)
+    merged.save_pretrained(output)
+    tokenizer.save_pretrained(output)
+    if (Path(adapter) / "train_args.json").is_file():  # keeps the template choice with the weights
+        (output / "train_args.json").write_bytes((Path(adapter) / "train_args.json").read_bytes())
+    return output
+
+
+def merged_model(
+    adapter: str,
+    model_name_or_path: str | None = None,
+    dtype: str = "bfloat16",
+    quantization: str | None = None,
+    trust_remote_code: bool = False,
+):
+    """(base with `adapter` merged in, in memory; the tokenizer training used): what merge_adapter saves."""
 
     if quantization:
         raise ConfigError(
@@ -66,12 +83,7 @@ def merge_adapter(
         **extra,
     )
     merged = load_adapter(model, adapter, "seq_cls" if reward else "causal_lm").merge_and_unload()  # wrong base: 1 line
-    output = Path(output_dir)
-    merged.save_pretrained(output)
-    tokenizer.save_pretrained(output)
-    if (Path(adapter) / "train_args.json").is_file():  # keeps the template choice with the weights
-        (output / "train_args.json").write_bytes((Path(adapter) / "train_args.json").read_bytes())
-    return output
+    return merged, tokenizer
 
 
 def export_hf(options) -> Path:

@@ -6,20 +6,10 @@ import threading
 from collections.abc import Iterator
 from typing import TextIO
 
-import torch
-
 from component.config.generation import GenerationSettings
 from component.data.conversation import Turn
 from component.data.template import Template
-from component.inference.engine import (
-    StreamWriter,
-    clean_answer,
-    context_length,
-    generate_kwargs,
-    model_device,
-    room_to_answer,
-    stream_answer,
-)
+from component.inference.answers import clean_answer, context_length, room_to_answer
 
 
 class ChatSession:
@@ -40,7 +30,12 @@ class ChatSession:
         self.history: list[Turn] = []
         self.last_prompt_ids: list[int] = []
         self.dropped_turns = 0
-        torch.manual_seed(settings.seed)  # once per session: reproducible, yet each turn samples afresh
+        self.seed()
+
+    def seed(self) -> None:
+        import torch
+
+        torch.manual_seed(self.settings.seed)  # once per session: reproducible, yet each turn samples afresh
 
     def reset(self) -> None:
         self.history = []
@@ -65,27 +60,37 @@ class ChatSession:
             self.history.pop(0)
             self.dropped_turns += 1
 
-    @torch.inference_mode()
     def ask(self, query: str, stream: TextIO | None = None) -> str:
         """Answer `query`; tokens are written to `stream` as they come (beam search writes the whole answer)."""
         prompt = self.build_prompt(query)
         self.last_prompt_ids = prompt
+        answer = self.answer(prompt, room_to_answer(self.settings, len(prompt), self.context), stream)
+        self.history.append(Turn(query, answer))
+        return answer
+
+    def answer(self, prompt: list[int], max_new_tokens: int, stream: TextIO | None) -> str:
+        import torch
+
+        from component.inference.engine import StreamWriter, generate_kwargs, model_device
+
         kwargs = generate_kwargs(self.tokenizer, self.template, self.settings)
-        kwargs["max_new_tokens"] = room_to_answer(self.settings, len(prompt), self.context)
+        kwargs["max_new_tokens"] = max_new_tokens
         streaming = stream is not None and self.settings.num_beams == 1  # transformers cannot stream beams
         if streaming:
             kwargs["streamer"] = StreamWriter(self.tokenizer, stream)
-        input_ids = torch.tensor([prompt], device=model_device(self.model))
-        output = self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
+        with torch.inference_mode():
+            input_ids = torch.tensor([prompt], device=model_device(self.model))
+            output = self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
         answer = clean_answer(output[0, len(prompt) :].tolist(), self.tokenizer, self.template)
         if stream is not None and not streaming:
             stream.write(answer)
-        self.history.append(Turn(query, answer))
         return answer
 
     def stream(self, query: str, stop: threading.Event | None = None) -> Iterator[str]:
         """`ask` as a generator of the answer so far (the web page); setting `stop` ends it early, and the
         answer given so far joins the history."""
+        from component.inference.engine import stream_answer
+
         prompt = self.build_prompt(query)
         self.last_prompt_ids = prompt
         answer = ""
@@ -94,6 +99,31 @@ class ChatSession:
         ):
             yield answer
         self.history.append(Turn(query, answer))
+
+
+class OnnxChatSession(ChatSession):
+    """The same session over an onnxruntime generator (`onnx_engine.OnnxGenerator`); never imports torch."""
+
+    def seed(self) -> None:
+        import numpy as np
+
+        self.rng = np.random.default_rng(self.settings.seed)
+
+    def answer(self, prompt: list[int], max_new_tokens: int, stream: TextIO | None) -> str:
+        tokens: list[int] = []
+        written = ""
+
+        def on_tokens(step) -> None:  # streams the cleaned answer so far, minus what is already written
+            nonlocal written
+            tokens.append(int(step[0]))
+            text = clean_answer(tokens, self.tokenizer, self.template)
+            if stream is not None and text.startswith(written) and text != written and not text.endswith("\ufffd"):
+                stream.write(text[len(written) :])
+                stream.flush()
+                written = text
+
+        self.model.generate([prompt], self.settings, max_new_tokens, self.rng, on_tokens)
+        return clean_answer(tokens, self.tokenizer, self.template)
 
 
 CHAT_HELP = "Type a message; /reset clears the history, /exit (or end of input) quits."

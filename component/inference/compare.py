@@ -11,13 +11,12 @@ import contextlib
 import functools
 import gc
 import math
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from component.config.generation import GenerationSettings
 from component.config.inference import DEFAULT_QUESTIONS, CompareOptions
@@ -25,9 +24,12 @@ from component.config.parser import ConfigError
 from component.data.conversation import Conversation, Turn
 from component.data.readers import DataFormatError, read_sft_file, utf8_error_position
 from component.data.template import Template
-from component.inference.engine import context_length, generate_answers, load_for_generation
+from component.inference.answers import context_length
+from component.inference.backends import load_generator
 from component.inference.report import CompareResult, write_reports
-from component.inference.scoring import RewardScorer, load_reward_scorer
+
+if TYPE_CHECKING:  # the scorer (torch) loads only when a reward model is given
+    from component.inference.scoring import RewardScorer
 
 
 @dataclass
@@ -82,15 +84,14 @@ def compare_models(
     context: int | None = None,
 ) -> list[dict[str, Any]]:
     """One row per (preset, model, question). With a PeftModel, "base" is the same weights with the adapters off,
-    then each adapter by name, switched on in turn."""
-    variants = model_variants(model)
+    then each adapter by name, switched on in turn. An onnxruntime generator (an exported graph, its adapter
+    merged in) is the one model "onnx"."""
     prompts = [template.encode_prompt(q.history, q.query, q.system) for q in questions]
     rows = []
     for settings in settings_list:
-        for label, switch in variants:
-            torch.manual_seed(settings.seed)  # each model draws the same random numbers
+        for label, switch, answer_fn in answerers(model, tokenizer, template):
             with switch():
-                answers = generate_answers(model, tokenizer, template, prompts, settings, batch_size, context)
+                answers = answer_fn(prompts, settings, batch_size, context)
             for index, (question, answer) in enumerate(zip(questions, answers)):
                 row = {"preset": settings.preset, "model": label, "index": index, "question": question.query}
                 row["answer"] = answer
@@ -99,6 +100,29 @@ def compare_models(
                     row["exact_match"] = exact_match(answer, question.reference)
                 rows.append(row)
     return rows
+
+
+AnswerFn = Callable[[list[list[int]], GenerationSettings, int, int | None], list[str]]
+
+
+def answerers(model, tokenizer, template: Template) -> list[tuple[str, Callable[[], Any], AnswerFn]]:
+    """(label, context manager that switches the model to it, batch answer function) per model to compare."""
+    from component.inference.onnx_engine import OnnxGenerator
+
+    if isinstance(model, OnnxGenerator):  # checked first: the onnxruntime path never imports torch
+        from component.inference.onnx_engine import generate_answers as onnx_answers
+
+        return [("onnx", contextlib.nullcontext, functools.partial(onnx_answers, model))]
+
+    import torch
+
+    from component.inference.engine import generate_answers
+
+    def answer(prompts, settings, batch_size, context):
+        torch.manual_seed(settings.seed)  # each model draws the same random numbers
+        return generate_answers(model, tokenizer, template, prompts, settings, batch_size, context)
+
+    return [(label, switch, answer) for label, switch in model_variants(model)]
 
 
 def model_variants(model) -> list[tuple[str, Callable[[], Any]]]:
@@ -176,8 +200,16 @@ def free_model(model) -> None:
     """Drop the generator before the reward model loads: two 13B models rarely fit one GPU."""
     del model
     gc.collect()
-    if torch.cuda.is_available():
+    torch = sys.modules.get("torch")  # the onnxruntime path runs without torch
+    if torch is not None and torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def load_reward_scorer(*args: Any, **kwargs: Any) -> RewardScorer:
+    """`inference.scoring.load_reward_scorer`, imported when a reward model is given (scoring needs torch)."""
+    from component.inference import scoring
+
+    return scoring.load_reward_scorer(*args, **kwargs)
 
 
 def run_compare(options: CompareOptions) -> tuple[CompareResult, dict[str, Path]]:
@@ -189,7 +221,7 @@ def run_compare(options: CompareOptions) -> tuple[CompareResult, dict[str, Path]
     if not questions:
         raise ConfigError(f"{path}: no questions")
     started = time.time()
-    model, tokenizer, template = load_for_generation(options)
+    model, tokenizer, template = load_generator(options)
     context = context_length(model, tokenizer, options.max_context)
     rows = compare_models(model, tokenizer, template, questions, settings_list, options.batch_size, context)
     free_model(model)
@@ -202,12 +234,16 @@ def run_compare(options: CompareOptions) -> tuple[CompareResult, dict[str, Path]
         rows=rows,
         summary=summarize(rows, settings_list),
         settings={s.preset: s.describe() for s in settings_list},
-        models={"base": options.model_name_or_path, **options.adapters()},
+        models={
+            "onnx" if options.backend == "onnxruntime" else "base": options.model_name_or_path,
+            **options.adapters(),
+        },
         meta={
             "questions_file": path,
             "questions": len(questions),
             "template": template.name,
             "quantization": options.quantization or "none",
+            "backend": options.backend,
             "reward_model": options.reward_model or "none",
             "seconds": round(time.time() - started, 1),
         },

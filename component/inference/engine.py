@@ -6,7 +6,6 @@ data, so a fine-tuned model is asked in exactly the format it learned. Chat and 
 
 from __future__ import annotations
 
-import logging
 import threading
 from collections.abc import Iterator
 from typing import Any, TextIO
@@ -17,11 +16,15 @@ from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStr
 from component.config.choices import TEMPLATES
 from component.config.generation import GenerationSettings
 from component.config.inference import ModelOptions
-from component.config.parser import ConfigError
 from component.data.template import Template, get_template
+from component.inference.answers import (  # noqa: F401 (re-exported: chat, compare, RL, web import them from here)
+    clean_answer,
+    clean_text,
+    context_length,
+    room_to_answer,
+    stop_strings,
+)
 from component.model.loader import load_for_inference, load_tokenizer, read_train_args, tokenizer_folder
-
-logger = logging.getLogger(__name__)
 
 
 def template_name_for(options: ModelOptions) -> str:
@@ -51,23 +54,6 @@ def load_for_generation(options: ModelOptions) -> tuple[Any, Any, Template]:
     return model, tokenizer, template
 
 
-def context_length(model, tokenizer, override: int | None = None) -> int | None:
-    """Longest sequence the model takes: --max_context, else the config's, else the tokenizer's; None = unknown."""
-    if override:
-        return override
-    config = model.config
-    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "model_max_length", "seq_length"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    value = getattr(tokenizer, "model_max_length", None)
-    return value if isinstance(value, int) and value < 1_000_000 else None  # HF uses ~1e30 for "unset"
-
-
-def stop_strings(template: Template) -> list[str]:
-    return list(getattr(template, "stop_strings", None) or [])
-
-
 def model_device(model) -> torch.device:
     return next(model.parameters()).device
 
@@ -79,35 +65,6 @@ def generate_kwargs(tokenizer, template: Template, settings: GenerationSettings)
     if stop_strings(template):
         kwargs.update(stop_strings=stop_strings(template), tokenizer=tokenizer)
     return kwargs
-
-
-def room_to_answer(settings: GenerationSettings, prompt_length: int, context: int | None) -> int:
-    """max_new_tokens, shortened where the context would overflow (the tiny demo model has 256 positions)."""
-    if context is None:
-        return settings.max_new_tokens
-    room = context - prompt_length
-    if room < 1:
-        raise ConfigError(
-            f"a prompt of {prompt_length} tokens leaves no room to answer in a context of {context} tokens; "
-            "shorten the question or raise --max_context if the model allows"
-        )
-    if room < settings.max_new_tokens:
-        logger.info("max_new_tokens %d -> %d to fit the %d-token context", settings.max_new_tokens, room, context)
-    return min(room, settings.max_new_tokens)
-
-
-def clean_answer(token_ids: list[int], tokenizer, template: Template) -> str:
-    """The generated tokens up to the first stop token, decoded, cut at a stop string, stripped."""
-    stops = set(template.stop_token_ids)
-    end = next((i for i, token in enumerate(token_ids) if token in stops), len(token_ids))
-    return clean_text(tokenizer.decode(token_ids[:end], skip_special_tokens=True), template)
-
-
-def clean_text(text: str, template: Template) -> str:
-    """Decoded answer text cut at the template's first stop string, stripped."""
-    for stop in stop_strings(template):
-        text = text.split(stop, 1)[0]
-    return text.strip()
 
 
 @torch.inference_mode()
