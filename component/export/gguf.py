@@ -67,6 +67,7 @@ LAYER_NAMES = {
     "mlp.down_proj.weight": "ffn_down.weight",
 }
 SKIPPED = ("rotary_emb.inv_freq",)  # Baichuan-7B checkpoints carry it; llama.cpp computes it
+TEMPLATE_KEY = "llm_training.template"  # our template's name (human_assistant, baichuan_chat, chat_template)
 
 
 def export_gguf(options) -> Path:
@@ -104,6 +105,7 @@ def write_gguf(model_dir: str | Path, output_dir: str | Path, gguf_type: str = "
     add_hyperparameters(writer, architecture, config)
     read_vocab(model_dir, tokenizer, config["vocab_size"]).add_to(writer)
     writer.add_chat_template(get_template(template_name, tokenizer).jinja_chat_template())
+    writer.add_string(TEMPLATE_KEY, template_name)  # cpp/llm_chat renders this template token for token
     for gguf_name, array in converted_tensors(architecture, config, read_tensors(model_dir)):
         data, tensor_type = encode_tensor(array, gguf_type)
         writer.add_tensor(gguf_name, data, raw_dtype=tensor_type)
@@ -198,9 +200,8 @@ def rope_pairs(weight: np.ndarray, heads: int) -> np.ndarray:
 
 
 def normalize_rows(weight: np.ndarray) -> np.ndarray:
-    """Baichuan2's NormHead, as torch.nn.functional.normalize(weight) (L2 per row, eps 1e-12)."""
-    norms = np.sqrt((weight.astype(np.float64) ** 2).sum(axis=1, keepdims=True))
-    return (weight / np.maximum(norms, 1e-12)).astype(np.float32)
+    """Baichuan2's NormHead: each row L2-normalised, as the hub code's F.normalize(weight)."""
+    return torch.nn.functional.normalize(torch.from_numpy(weight), dim=-1).numpy()
 
 
 def converted_tensors(
