@@ -4,7 +4,7 @@ PYTHON ?= python3
 TORCH_VERSION ?= 2.13.0
 DEMO := output/demo
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test lint clean check-llamacpp
 
 setup:
 	$(PYTHON) -m pip install -q "torch==$(TORCH_VERSION)"
@@ -24,6 +24,10 @@ lint: setup
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m ruff format --check .
 	lint-imports
+
+# Opt-in, not in CI: build llama.cpp + cpp/ (cpp/build.sh, cached outside the repo), then check our GGUF files in it.
+check-llamacpp:
+	LLAMA_CPP_BIN="$$(cpp/build.sh)" $(PYTHON) -m pytest -q -s -rs tests/export/test_llamacpp.py
 
 clean:
 	rm -rf output .pytest_cache

@@ -3,7 +3,7 @@
 # in a cache folder outside the repository. Re-running reuses the existing build.
 #   cpp/build.sh                              # llama.cpp from the llama-cpp-python sdist (pip download)
 #   LLAMA_CPP_DIR=/path/to/llama.cpp cpp/build.sh   # an existing llama.cpp checkout instead
-# Prints the folder holding the binaries on its last line.
+# Prints the folder holding the binaries (llm_chat, llm_logits) on stdout.
 set -euo pipefail
 
 LLAMA_CPP_PYTHON_VERSION="${LLAMA_CPP_PYTHON_VERSION:-0.3.36}"
@@ -17,7 +17,7 @@ if [ -z "${LLAMA_CPP_DIR:-}" ]; then
     LLAMA_CPP_DIR="$SDIST_DIR/vendor/llama.cpp"
     if [ ! -f "$LLAMA_CPP_DIR/include/llama.h" ]; then
         python -m pip download --no-deps --no-binary :all: \
-            -d "$CACHE/download" "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION"
+            -d "$CACHE/download" "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION" >&2
         tar -xzf "$CACHE/download/llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION.tar.gz" -C "$CACHE"
     fi
 fi
@@ -29,6 +29,7 @@ fi
 
 # One build folder per llama.cpp source, so switching sources never mixes objects.
 BUILD="$CACHE/build-$(printf '%s' "$LLAMA_CPP_DIR" | md5sum | cut -c1-8)"
-cmake -S "$HERE" -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DLLAMA_CPP_DIR="$LLAMA_CPP_DIR" >/dev/null
-cmake --build "$BUILD" --parallel "$JOBS" --target llm_chat llm_logits
+# Progress goes to stderr: stdout is only the folder, for LLAMA_CPP_BIN=$(cpp/build.sh).
+cmake -S "$HERE" -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DLLAMA_CPP_DIR="$LLAMA_CPP_DIR" >&2
+cmake --build "$BUILD" --parallel "$JOBS" --target llm_chat llm_logits >&2
 echo "$BUILD"

@@ -8,7 +8,7 @@ namespace llm {
 void quiet_logs() {
     llama_log_set(
         [](enum ggml_log_level level, const char * text, void *) {
-            if (level >= GGML_LOG_LEVEL_ERROR) {
+            if (level == GGML_LOG_LEVEL_ERROR) {
                 fputs(text, stderr);
             }
         },
@@ -19,6 +19,7 @@ Model::Model(const std::string & path, int n_ctx, int n_threads) {
     llama_backend_init();
     llama_model_params model_params = llama_model_default_params();
     model_params.n_gpu_layers = 0;
+    model_params.progress_callback = [](float, void *) { return true; };  // no loading dots
     model = llama_model_load_from_file(path.c_str(), model_params);
     if (!model) {
         throw std::runtime_error("cannot load model '" + path + "' (not a GGUF file llama.cpp reads?)");

@@ -129,7 +129,7 @@ def pre_tokenizer_name(pre_tokenizer: dict | None, source: Path) -> str:
     """llama.cpp's pre-tokenizer for a byte-level BPE's `pre_tokenizer` section.
 
     A Split on Qwen2's or Llama 3's regex is that model's. A ByteLevel that splits with its own (GPT-2) regex is
-    "gpt2", also when Digits / Han-character splits come before it (the demo tokenizer): merges never cross those
+    "gpt-2", also when Digits / Han-character splits come before it (the demo tokenizer): merges never cross those
     boundaries because they were learned with them, so llama.cpp's GPT-2 split gives the same tokens except on
     runs of two or more spaces right before a digit or a Han character.
     """
@@ -141,7 +141,7 @@ def pre_tokenizer_name(pre_tokenizer: dict | None, source: Path) -> str:
             return SPLIT_REGEX_PRE[regex]
     byte_level = [step for step in steps if step.get("type") == "ByteLevel"]
     if byte_level and byte_level[-1].get("use_regex", True):
-        return "gpt2"
+        return "gpt-2"
     raise ConfigError(
         f"{source}: pre-tokenizer {kinds} has no llama.cpp equivalent we know; supported: a ByteLevel with its "
         "GPT-2 regex (optionally after Digits / Split steps), or a Split on the Qwen2 or Llama 3 regex"

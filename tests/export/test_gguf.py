@@ -137,7 +137,7 @@ def test_llama_metadata_and_demo_tokenizer(llama_folder, tmp_path):
     assert meta["llama.rope.dimension_count"] == 16 and meta["llama.rope.freq_base"] == 10000.0
     assert meta["llama.attention.layer_norm_rms_epsilon"] == pytest.approx(1e-6)
     # byte-level BPE: token strings, types, merges as tokenizer.json has them; GPT-2 pre-tokenizer
-    assert meta["tokenizer.ggml.model"] == "gpt2" and meta["tokenizer.ggml.pre"] == "gpt2"
+    assert meta["tokenizer.ggml.model"] == "gpt2" and meta["tokenizer.ggml.pre"] == "gpt-2"
     assert meta["tokenizer.ggml.tokens"] == tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
     special = set(tokenizer.all_special_ids)
     assert meta["tokenizer.ggml.token_type"] == [3 if i in special else 1 for i in range(len(tokenizer))]
