@@ -77,7 +77,9 @@ def export_gguf(options) -> Path:
         raise ConfigError(f"'quantization' {options.quantization!r}: GGUF export reads 16/32-bit weights; leave it out")
     if not options.adapter:
         return write_gguf(options.model_name_or_path, output_dir, options.gguf_type)
-    with tempfile.TemporaryDirectory(prefix="gguf_merge_", dir=output_dir.parent if output_dir.parent.is_dir() else None) as tmp:
+    with tempfile.TemporaryDirectory(
+        prefix="gguf_merge_", dir=output_dir.parent if output_dir.parent.is_dir() else None
+    ) as tmp:
         merged = merge_adapter(
             options.adapter, tmp, options.model_name_or_path, "float32", trust_remote_code=options.trust_remote_code
         )
@@ -189,7 +191,7 @@ def read_tensors(model_dir: Path) -> Iterator[tuple[str, np.ndarray]]:
         raise ConfigError(f"{model_dir}: no model.safetensors (weights are read from safetensors only)")
     for file in files:
         with safe_open(model_dir / file, framework="pt") as handle:
-            for name in handle.keys():
+            for name in handle.keys():  # noqa: SIM118 (safe_open is no dict)
                 yield name, handle.get_tensor(name).to(torch.float32).numpy()
 
 

@@ -52,10 +52,13 @@ def expected_tensors(folder: Path, config: dict) -> dict[str, np.ndarray]:
     kv_heads = config.get("num_key_value_heads") or heads
     baichuan = config["model_type"] == "baichuan"
     rope_pairs = config["model_type"] in ("llama", "baichuan")
-    expected = {"token_embd.weight": state["model.embed_tokens.weight"], "output_norm.weight": state["model.norm.weight"]}
+    expected = {
+        "token_embd.weight": state["model.embed_tokens.weight"],
+        "output_norm.weight": state["model.norm.weight"],
+    }
     if "lm_head.weight" in state:
         head = state["lm_head.weight"]
-        if baichuan and not config.get("use_norm_head") is False and "z_loss_weight" in config:
+        if baichuan and "z_loss_weight" in config:  # only Baichuan2 configs carry it
             head = torch.nn.functional.normalize(head, dim=-1)  # Baichuan2's NormHead, folded in
         expected["output.weight"] = head
     for layer in range(config["num_hidden_layers"]):
@@ -97,7 +100,9 @@ def check_tensors(path: Path, expected: dict[str, np.ndarray], gguf_type: str) -
             values = gguf.quants.dequantize(tensor.data, Q.Q8_0).reshape(-1, 32)
             blocks = want.reshape(-1, 32)  # blocks of 32: an f16 scale amax/127 and int8 values rounded half away
             scale = np.abs(blocks).max(axis=1, keepdims=True) / 127
-            steps = np.trunc(np.divide(blocks, scale, out=np.zeros_like(blocks), where=scale > 0) + 0.5 * np.sign(blocks))
+            steps = np.trunc(
+                np.divide(blocks, scale, out=np.zeros_like(blocks), where=scale > 0) + 0.5 * np.sign(blocks)
+            )
             np.testing.assert_array_equal(values, scale.astype(np.float16).astype(np.float32) * steps, err_msg=name)
 
 

@@ -46,8 +46,17 @@ def run(*command: str, stdin: str | None = None) -> str:
 
 
 def llama_cpp(gguf: Path, tokens: list[int]) -> tuple[np.ndarray, list[int]]:
-    out = json.loads(run(str(BIN / "llm_logits"), "-m", str(gguf), "--tokens", ",".join(map(str, tokens)),
-                         "--generate", str(GENERATE)))  # fmt: skip
+    out = json.loads(
+        run(
+            str(BIN / "llm_logits"),
+            "-m",
+            str(gguf),
+            "--tokens",
+            ",".join(map(str, tokens)),
+            "--generate",
+            str(GENERATE),
+        )
+    )
     return np.array(out["logits"], dtype=np.float32), out["generated"]
 
 
@@ -92,8 +101,10 @@ def test_logits_and_greedy_match_transformers(demo_tokenizer, tmp_path):
             logits, generated = llama_cpp(path, tokens)
             diff = float(np.abs(logits - reference).max())
             same = generated == reference_tokens
-            rows.append(f"{label:24s} {gguf_type:5s} max|logit diff| {diff:.2e}  (|logits| <= "
-                        f"{np.abs(reference).max():.2f})  greedy {GENERATE} tokens identical: {same}")  # fmt: skip
+            rows.append(
+                f"{label:24s} {gguf_type:5s} max|logit diff| {diff:.2e}  (|logits| <= "
+                f"{np.abs(reference).max():.2f})  greedy {GENERATE} tokens identical: {same}"
+            )
             if gguf_type == "f32" and (diff > 1e-3 or not same):
                 failures.append(rows[-1])
     print("\nllama.cpp vs transformers, prompt of", len(tokens), "tokens (all positions):\n" + "\n".join(rows))
@@ -124,14 +135,24 @@ def test_cpp_chat_matches_generate_py_on_the_demo(tmp_path):
     print()
     for gguf_type in ("f32", "f16", "q8_0"):
         out = tmp_path / f"gguf_{gguf_type}"
-        subprocess.run([*export, "--output_dir", str(out), "--gguf_type", gguf_type], cwd=REPO, check=True,
-                       capture_output=True)  # fmt: skip
-        answers = run(str(BIN / "llm_chat"), "-m", str(out / f"model-{gguf_type}.gguf"), "--single-turn", "-n", "16",
-                      stdin=questions).splitlines()  # fmt: skip
+        subprocess.run(
+            [*export, "--output_dir", str(out), "--gguf_type", gguf_type], cwd=REPO, check=True, capture_output=True
+        )
+        answers = run(
+            str(BIN / "llm_chat"),
+            "-m",
+            str(out / f"model-{gguf_type}.gguf"),
+            "--single-turn",
+            "-n",
+            "16",
+            stdin=questions,
+        ).splitlines()
         exact = sum(a.strip() == r["target"].strip() for a, r in zip(answers, references)) / len(references)
         python_exact = sum(a == r["target"] for a, r in zip(python_answers, references)) / len(references)
         same = sum(a == b for a, b in zip(answers, python_answers))
-        print(f"C++ chat ({gguf_type}): exact match {exact:.3f} on {len(references)} held-out questions; "
-              f"generate.py compare (greedy): {python_exact:.3f}; identical answers {same}/{len(references)}")  # fmt: skip
+        print(
+            f"C++ chat ({gguf_type}): exact match {exact:.3f} on {len(references)} held-out questions; "
+            f"generate.py compare (greedy): {python_exact:.3f}; identical answers {same}/{len(references)}"
+        )
         if gguf_type == "f32":
             assert answers == python_answers
