@@ -22,13 +22,15 @@ namespace {
 const char * USAGE =
     "usage: llm_chat -m MODEL.gguf [--template human_assistant|baichuan_chat] [--system TEXT]\n"
     "                [-n MAX_NEW_TOKENS (512)] [-c CONTEXT (model's)] [-t THREADS (2)] [--single-turn]\n"
+    "                [--f32-cache]\n"
     "  Interactive: one question per line; '/reset' clears the history; an empty line or EOF quits.\n"
-    "  --single-turn: every stdin line is a new conversation; prints one answer per line (newlines as \\n).\n";
+    "  --single-turn: every stdin line is a new conversation; prints one answer per line (newlines as \\n).\n"
+    "  --f32-cache: an f32 KV cache without flash attention (default f16: half the memory).\n";
 
 struct Options {
     std::string model, template_name, system;
     int max_new_tokens = 512, n_ctx = 0, threads = 2;
-    bool single_turn = false;
+    bool single_turn = false, f32_cache = false;
 };
 
 Options parse(int argc, char ** argv) {
@@ -55,6 +57,8 @@ Options parse(int argc, char ** argv) {
             options.threads = std::stoi(value());
         } else if (arg == "--single-turn") {
             options.single_turn = true;
+        } else if (arg == "--f32-cache") {
+            options.f32_cache = true;
         } else {
             throw std::invalid_argument("unknown argument '" + arg + "'");
         }
@@ -185,7 +189,7 @@ int main(int argc, char ** argv) {
     }
     try {
         llm::quiet_logs();
-        llm::Model model(options.model, options.n_ctx, options.threads);
+        llm::Model model(options.model, options.n_ctx, options.threads, options.f32_cache);
         std::string name = options.template_name;
         if (name.empty()) {
             name = model.meta("llm_training.template");

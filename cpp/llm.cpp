@@ -15,7 +15,7 @@ void quiet_logs() {
         nullptr);
 }
 
-Model::Model(const std::string & path, int n_ctx, int n_threads) {
+Model::Model(const std::string & path, int n_ctx, int n_threads, bool f32_cache) {
     llama_backend_init();
     llama_model_params model_params = llama_model_default_params();
     model_params.n_gpu_layers = 0;
@@ -31,6 +31,11 @@ Model::Model(const std::string & path, int n_ctx, int n_threads) {
     ctx_params.n_ubatch = ctx_params.n_ctx;
     ctx_params.n_threads = n_threads;
     ctx_params.n_threads_batch = n_threads;
+    if (f32_cache) {
+        ctx_params.type_k = GGML_TYPE_F32;
+        ctx_params.type_v = GGML_TYPE_F32;
+        ctx_params.flash_attn_type = LLAMA_FLASH_ATTN_TYPE_DISABLED;
+    }
     ctx = llama_init_from_model(model, ctx_params);
     if (!ctx) {
         llama_model_free(model);

@@ -13,8 +13,10 @@ struct Model {
     llama_context * ctx = nullptr;
     const llama_vocab * vocab = nullptr;
 
-    // Loads `path` on the CPU with a context of n_ctx tokens (0 = the model's training context). Throws on failure.
-    Model(const std::string & path, int n_ctx, int n_threads);
+    // Loads `path` on the CPU with a context of n_ctx tokens (0 = the model's training context). The KV cache is
+    // f16 (llama.cpp's default, half the memory) or, with f32_cache, f32 without flash attention: the
+    // transformers computation up to summation order. Throws on failure.
+    Model(const std::string & path, int n_ctx, int n_threads, bool f32_cache = false);
     ~Model();
     Model(const Model &) = delete;
     Model & operator=(const Model &) = delete;

@@ -46,7 +46,7 @@ int main(int argc, char ** argv) {
         for (std::string item; std::getline(list, item, ',');) {
             tokens.push_back(std::stoi(item));
         }
-        llm::Model model(model_path, (int) tokens.size() + generate + 1, threads);
+        llm::Model model(model_path, (int) tokens.size() + generate + 1, threads, /*f32_cache=*/true);
         if (tokenize) {
             int n = -llama_tokenize(model.vocab, text.data(), (int32_t) text.size(), nullptr, 0, false, true);
             std::vector<llama_token> ids(n);
