@@ -77,8 +77,7 @@ def expected_tensors(folder: Path, config: dict) -> dict[str, np.ndarray]:
     return {name: tensor.numpy() for name, tensor in expected.items()}
 
 
-def check_tensors(path: Path, expected: dict[str, np.ndarray], gguf_type: str) -> None:
-    reader = gguf.GGUFReader(path)
+def check_tensors(reader: gguf.GGUFReader, expected: dict[str, np.ndarray], gguf_type: str) -> None:
     tensors = {t.name: t for t in reader.tensors}
     assert sorted(tensors) == sorted(expected)
     Q = gguf.GGMLQuantizationType
@@ -106,8 +105,8 @@ def check_tensors(path: Path, expected: dict[str, np.ndarray], gguf_type: str) -
             np.testing.assert_array_equal(values, scale.astype(np.float16).astype(np.float32) * steps, err_msg=name)
 
 
-def fields(path: Path) -> dict:
-    return {name: field.contents() for name, field in gguf.GGUFReader(path).fields.items()}
+def fields(reader: gguf.GGUFReader) -> dict:
+    return {name: field.contents() for name, field in reader.fields.items()}
 
 
 # --- Llama (the demo's tokenizer) ---------------------------------------------------------------------------------
@@ -125,13 +124,14 @@ def test_llama_tensors_in_every_type(llama_folder, tmp_path, gguf_type):
     config = json.loads((llama_folder / "config.json").read_text())
     path = write_gguf(llama_folder, tmp_path, gguf_type)
     assert path == tmp_path / f"model-{gguf_type}.gguf"
-    check_tensors(path, expected_tensors(llama_folder, config), gguf_type)
+    reader = gguf.GGUFReader(path)
+    check_tensors(reader, expected_tensors(llama_folder, config), gguf_type)
     file_types = {"f32": 0, "f16": 1, "q8_0": 7, "bf16": 32}
-    assert fields(path)["general.file_type"] == file_types[gguf_type]
+    assert fields(reader)["general.file_type"] == file_types[gguf_type]
 
 
 def test_llama_metadata_and_demo_tokenizer(llama_folder, tmp_path):
-    meta = fields(write_gguf(llama_folder, tmp_path, "f32"))
+    meta = fields(gguf.GGUFReader(write_gguf(llama_folder, tmp_path, "f32")))
     config = json.loads((llama_folder / "config.json").read_text())
     tokenizer = load_tokenizer(str(llama_folder))
     assert meta["general.architecture"] == "llama"
@@ -176,8 +176,9 @@ def test_qwen2_tensors_and_metadata(tmp_path):
     expected = expected_tensors(folder, config)
     assert "output.weight" not in expected  # tied: llama.cpp reuses token_embd
     assert "blk.0.attn_q.bias" in expected and "blk.1.attn_v.bias" in expected
-    check_tensors(path, expected, "q8_0")
-    meta = fields(path)
+    reader = gguf.GGUFReader(path)
+    check_tensors(reader, expected, "q8_0")
+    meta = fields(reader)
     tokenizer = load_tokenizer(str(folder))
     assert meta["general.architecture"] == "qwen2"
     assert meta["qwen2.attention.head_count"] == 4 and meta["qwen2.attention.head_count_kv"] == 2
@@ -211,12 +212,13 @@ def test_baichuan_tensors_and_metadata(variant, baichuan_tokenizer_pieces, tmp_p
     _, alibi, norm_head = BAICHUAN_VARIANTS[variant]
     path = write_gguf(folder, tmp_path / "out", "f32")
     expected = expected_tensors(folder, config)
-    check_tensors(path, expected, "f32")
+    reader = gguf.GGUFReader(path)
+    check_tensors(reader, expected, "f32")
     head = load_file(folder / "model.safetensors")["lm_head.weight"]
     folded = np.allclose(np.linalg.norm(expected["output.weight"], axis=1), 1.0, atol=1e-5)
     assert folded == norm_head and not np.allclose(head.norm(dim=1).numpy(), 1.0)  # the stored head is raw
 
-    meta = fields(path)
+    meta = fields(reader)
     assert meta["general.architecture"] == "baichuan"
     assert meta["baichuan.block_count"] == (40 if alibi else 32)  # llama.cpp: 40 -> ALiBi (13B), 32 -> RoPE (7B)
     assert meta["baichuan.context_length"] == 256
@@ -288,8 +290,9 @@ def test_export_py_merges_an_adapter_then_writes_gguf(llama_folder, tmp_path):
     path = tmp_path / "gguf" / "model-f32.gguf"
     assert f"Exported (gguf) to {path}" in result.stdout
     config = json.loads((llama_folder / "config.json").read_text())
-    reader = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    reader = gguf.GGUFReader(path)
+    tensors = {t.name: t for t in reader.tensors}
     for name, want in expected_tensors(tmp_path / "merged", config).items():
-        np.testing.assert_allclose(reader[name].data.reshape(want.shape), want, atol=1e-6, err_msg=name)
-    assert fields(path)["general.name"] == "adapter"
+        np.testing.assert_allclose(tensors[name].data.reshape(want.shape), want, atol=1e-6, err_msg=name)
+    assert fields(reader)["general.name"] == "adapter"
     assert sorted(p.name for p in (tmp_path / "gguf").iterdir()) == ["model-f32.gguf"]  # the merge was temporary
