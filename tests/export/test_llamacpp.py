@@ -102,12 +102,12 @@ def test_logits_and_greedy_match_transformers(demo_tokenizer, tmp_path):
             diff = float(np.abs(logits - reference).max())
             same = generated == reference_tokens
             rows.append(
-                f"{label:24s} {gguf_type:5s} max|logit diff| {diff:.2e}  (|logits| <= "
+                f"{label:22s} {len(tokens):2d} tokens  {gguf_type:5s} max|logit diff| {diff:.2e}  (|logits| <= "
                 f"{np.abs(reference).max():.2f})  greedy {GENERATE} tokens identical: {same}"
             )
             if gguf_type == "f32" and (diff > 1e-3 or not same):
                 failures.append(rows[-1])
-    print("\nllama.cpp vs transformers, prompt of", len(tokens), "tokens (all positions):\n" + "\n".join(rows))
+    print("\nllama.cpp vs transformers, logits at every prompt position:\n" + "\n".join(rows))
     assert not failures, failures
 
 
