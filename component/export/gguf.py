@@ -131,6 +131,8 @@ def read_model_config(model_dir: Path) -> dict:
 
 def architecture_of(config: dict, model_dir: Path) -> str:
     model_type = config.get("model_type")
+    if any(name.endswith("ForSequenceClassification") for name in config.get("architectures") or []):
+        raise ConfigError(f"{model_dir} is a reward / classification model; GGUF export is for causal LMs")
     if model_type not in ARCHITECTURES:
         raise ConfigError(
             f"{model_dir}/config.json: model_type {model_type!r} has no GGUF export here; "

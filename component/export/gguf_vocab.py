@@ -59,10 +59,10 @@ class Vocab:
 def read_vocab(folder: str | Path, tokenizer, vocab_size: int) -> Vocab:
     """The vocabulary of `folder`, padded with unused entries up to the model's `vocab_size` rows."""
     folder = Path(folder)
-    if (folder / "tokenizer.json").is_file():
-        vocab = _bpe_vocab(folder / "tokenizer.json")
-    elif (folder / "tokenizer.model").is_file():
+    if (folder / "tokenizer.model").is_file():  # SentencePiece is the source when both exist (Llama-2 folders)
         vocab = _sentencepiece_vocab(folder / "tokenizer.model")
+    elif (folder / "tokenizer.json").is_file():
+        vocab = _bpe_vocab(folder / "tokenizer.json")
     else:
         raise ConfigError(f"{folder}: no tokenizer.json or tokenizer.model to write the GGUF vocabulary from")
     if len(vocab.tokens) > vocab_size:

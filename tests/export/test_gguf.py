@@ -258,6 +258,12 @@ def test_unsupported_architecture_and_pickled_weights_are_refused(llama_folder, 
     (folder / "config.json").write_text(json.dumps({"model_type": "gpt2"}), encoding="utf-8")
     with pytest.raises(ConfigError, match="model_type 'gpt2' has no GGUF export here; supported: llama, qwen2"):
         write_gguf(folder, tmp_path / "out", "f16")
+    classifier = tmp_path / "rm"
+    classifier.mkdir()
+    config = {"model_type": "llama", "architectures": ["LlamaForSequenceClassification"]}
+    (classifier / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    with pytest.raises(ConfigError, match="is a reward / classification model"):
+        write_gguf(classifier, tmp_path / "out", "f16")
     pickled = tmp_path / "pickled"
     pickled.mkdir()
     for file in llama_folder.iterdir():
