@@ -16,7 +16,7 @@ if [ -z "${LLAMA_CPP_DIR:-}" ]; then
     SDIST_DIR="$CACHE/llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION"
     LLAMA_CPP_DIR="$SDIST_DIR/vendor/llama.cpp"
     if [ ! -f "$LLAMA_CPP_DIR/include/llama.h" ]; then
-        python -m pip download --no-deps --no-binary :all: \
+        "${PYTHON:-python3}" -m pip download --no-deps --no-binary :all: \
             -d "$CACHE/download" "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION" >&2
         tar -xzf "$CACHE/download/llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION.tar.gz" -C "$CACHE"
     fi
