@@ -5,7 +5,7 @@ PYTHON ?= python3
 TORCH_VERSION ?= 2.13.0
 DEMO := output/demo
 
-.PHONY: setup chromium demo test lint web-screenshots clean
+.PHONY: setup chromium demo test lint web-screenshots clean check-llamacpp
 
 setup: chromium
 	$(PYTHON) -m pip install -q "torch==$(TORCH_VERSION)"
@@ -37,6 +37,10 @@ lint: setup
 
 web-screenshots: setup
 	WEB_SCREENSHOT_DIR=docs/images $(PYTHON) -m pytest -q tests/inference/test_web.py
+
+# Opt-in, not in CI: build llama.cpp + cpp/ (cpp/build.sh, cached outside the repo), then check our GGUF files in it.
+check-llamacpp:
+	LLAMA_CPP_BIN="$$(cpp/build.sh)" $(PYTHON) -m pytest -q -s -rs tests/export/test_llamacpp.py
 
 clean:
 	rm -rf output .pytest_cache

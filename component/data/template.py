@@ -107,6 +107,13 @@ class Template:
         ids = [token for prompt, reply in self.encode_turns(conversation) for token in prompt + reply]
         return self.tokenizer.decode(ids, skip_special_tokens=False)
 
+    def jinja_chat_template(self) -> str:
+        """This template as a Jinja chat template (messages -> text) for runtimes that render prompts themselves
+        (llama.cpp, Ollama, transformers' apply_chat_template). The text is the same as ours; its tokens are
+        too when no token spans a piece boundary (true for the templates here and their tokenizers' special
+        tokens)."""
+        raise NotImplementedError
+
 
 def build_example(
     prompts: list[list[int]], replies: list[list[int]], max_seq_length: int, train_on_prompt: bool
@@ -153,6 +160,15 @@ class HumanAssistantTemplate(Template):
             parts.append(TurnParts(prompt, [turn.assistant, [self.eos_id]]))
         return parts
 
+    def jinja_chat_template(self) -> str:
+        return (
+            "{{ bos_token }}{% for message in messages %}"
+            "{% if message['role'] == 'system' %}{{ message['content'] + '\\n\\n' }}"
+            "{% elif message['role'] == 'user' %}{{ 'Human: ' + message['content'] + '\\n\\nAssistant: ' }}"
+            "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}"
+            "{% endif %}{% endfor %}"
+        )
+
 
 class BaichuanChatTemplate(Template):
     """Baichuan-13B-Chat / Baichuan2-Chat: [195] user [196] reply </s>, per turn; the system text leads."""
@@ -166,6 +182,16 @@ class BaichuanChatTemplate(Template):
             prompt += [[BAICHUAN_USER_TOKEN_ID], turn.user, [BAICHUAN_ASSISTANT_TOKEN_ID]]
             parts.append(TurnParts(prompt, [turn.assistant, [self.eos_id]]))
         return parts
+
+    def jinja_chat_template(self) -> str:
+        user, assistant = self.tokenizer.convert_ids_to_tokens([BAICHUAN_USER_TOKEN_ID, BAICHUAN_ASSISTANT_TOKEN_ID])
+        return (
+            "{% for message in messages %}"
+            "{% if message['role'] == 'system' %}{{ message['content'] }}"
+            f"{{% elif message['role'] == 'user' %}}{{{{ '{user}' + message['content'] + '{assistant}' }}}}"
+            "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}"
+            "{% endif %}{% endfor %}"
+        )
 
 
 class ChatTemplate(Template):
@@ -205,6 +231,9 @@ class ChatTemplate(Template):
             parts.append(TurnParts([asked[len(done) :]], [answered[len(asked) :]]))
             done = answered
         return parts
+
+    def jinja_chat_template(self) -> str:
+        return self.tokenizer.chat_template
 
     @property
     def stop_token_ids(self) -> list[int]:

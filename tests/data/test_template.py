@@ -142,3 +142,17 @@ def test_template_registry_matches_the_config_choices():
     from component.data.template import TEMPLATE_CLASSES
 
     assert tuple(TEMPLATE_CLASSES) == TEMPLATES
+
+
+def test_jinja_chat_template_renders_the_same_prompt(demo_tokenizer):
+    """The Jinja form (written into GGUF files) gives the text, and here the ids, encode_prompt gives."""
+    template = get_template("human_assistant", demo_tokenizer)
+    history = [Turn("把 1234 逐位写成汉字", "一二三四")]
+    messages = [{"role": "system", "content": "你是助手"}]
+    messages += [{"role": "user", "content": "把 1234 逐位写成汉字"}, {"role": "assistant", "content": "一二三四"}]
+    messages.append({"role": "user", "content": "把 5678 逐位写成汉字"})
+    text = demo_tokenizer.apply_chat_template(messages, chat_template=template.jinja_chat_template(), tokenize=False)
+    expected = template.encode_prompt(history, "把 5678 逐位写成汉字", system="你是助手")
+    assert text == demo_tokenizer.decode(expected)
+    assert demo_tokenizer(text, add_special_tokens=False)["input_ids"] == expected
+    assert get_template("chat_template", demo_tokenizer).jinja_chat_template() == demo_tokenizer.chat_template

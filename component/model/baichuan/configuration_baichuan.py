@@ -148,6 +148,10 @@ class BaichuanConfig(PreTrainedConfig):
         for key in _DROP_IF_NONE:
             if output.get(key, 0) is None:
                 output.pop(key)
+        # The hub spells Baichuan-7B's class "BaiChuanForCausalLM"; llama.cpp and vLLM read the other spelling
+        # as the 13B (ALiBi) family, so a Baichuan-1 RoPE model is saved under its hub name.
+        if output.get("architectures") == ["BaichuanForCausalLM"] and not self.use_alibi and not self.use_norm_head:
+            output["architectures"] = ["BaiChuanForCausalLM"]
         return output
 
     def to_diff_dict(self) -> dict[str, Any]:
