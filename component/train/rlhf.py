@@ -278,8 +278,11 @@ class RLTrainer(ReliableTrainerMixin, Trainer):
                 batch["old_logps"], entropy, values = completion_logps(
                     model, batch, self.chunk, True, self.value_head, self.temperature
                 )
-            with as_reference(model, self.reference) as reference:
-                batch["ref_logps"] = completion_logps(reference, batch, self.chunk, temperature=self.temperature).logps
+            if self.beta:  # beta 0: no KL anywhere, so no reference pass (and no `kl` logged), as in TRL
+                with as_reference(model, self.reference) as reference:
+                    batch["ref_logps"] = completion_logps(
+                        reference, batch, self.chunk, temperature=self.temperature
+                    ).logps
         if values is not None:
             batch["old_values"] = values
         batch.update(self.advantages(rewards["total"], batch))
@@ -293,7 +296,8 @@ class RLTrainer(ReliableTrainerMixin, Trainer):
     def advantages(self, total: torch.Tensor, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """GRPO: group-normalised; RLOO: leave-one-out of the KL-penalised reward; PPO: GAE on per-token rewards
         (the score on the last token, -beta * KL on each) with the rollout's values, whitened."""
-        mask, logps, ref_logps = batch["completion_mask"], batch.get("old_logps"), batch["ref_logps"]
+        mask, logps = batch["completion_mask"], batch.get("old_logps")
+        ref_logps = batch.get("ref_logps", logps)  # beta 0: the KL terms vanish
         if self.algorithm == "grpo":
             return {"advantages": group_advantages(total, self.num_generations, self.scale_rewards)}
         if self.algorithm == "rloo":
@@ -336,11 +340,9 @@ class RLTrainer(ReliableTrainerMixin, Trainer):
         # One pass per rollout: the rollout's log-probs are these (ratio exactly 1); later passes use the stored ones.
         old = logps.detach() if self.num_iterations == 1 else inputs["old_logps"]
         if self.algorithm == "rloo":
-            loss = sequence_clipped_loss(logps, old, inputs["advantages"], mask, self.clip_range)
-            stats = {"kl": masked_mean(kl_per_token(logps.detach(), inputs["ref_logps"]), mask)}
+            loss, stats = sequence_clipped_loss(logps, old, inputs["advantages"], mask, self.clip_range), {}
         elif self.algorithm == "ppo":  # the KL is in the per-token reward, not in the loss
             loss, stats = clipped_policy_loss(logps, old, inputs["advantages"], mask, self.clip_range)
-            stats["kl"] = masked_mean(kl_per_token(logps.detach(), inputs["ref_logps"]), mask)
             value_loss, stats["value_clip_fraction"] = clipped_value_loss(
                 values, inputs["old_values"], inputs["returns"], mask, self.value_clip_range
             )
@@ -348,8 +350,10 @@ class RLTrainer(ReliableTrainerMixin, Trainer):
             loss = loss + self.vf_coef * value_loss
         else:
             loss, stats = clipped_policy_loss(
-                logps, old, inputs["advantages"], mask, self.clip_range, inputs["ref_logps"], self.beta
+                logps, old, inputs["advantages"], mask, self.clip_range, inputs.get("ref_logps"), self.beta
             )
+        if self.algorithm != "grpo" and "ref_logps" in inputs:
+            stats["kl"] = masked_mean(kl_per_token(logps.detach(), inputs["ref_logps"]), mask)
         for name, value in stats.items():
             self._logged[name].append(float(value))
         return (loss, {}) if return_outputs else loss

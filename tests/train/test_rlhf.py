@@ -256,3 +256,24 @@ def test_truncated_completions_can_be_penalised(tiny_llama_dir, tmp_path):
     assert any(s["reward/truncated"] == -1 for s in samples)
     for sample in samples:
         assert sample["reward/total"] == pytest.approx(1.0 + 0.5 * sample["reward/truncated"])
+
+
+def test_beta_zero_runs_no_reference_pass(tiny_llama_dir, tmp_path, monkeypatch):
+    import component.train.rlhf as rlhf
+
+    entered = []
+    original = rlhf.as_reference
+
+    def counting(*args, **kwargs):
+        entered.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(rlhf, "as_reference", counting)
+    for algorithm in ("grpo", "rloo", "ppo"):
+        trainer = train_rlhf.main(
+            [
+                "--train_args_file",
+                rl_args(tmp_path / algorithm, tiny_llama_dir, algorithm=algorithm, beta=0.0, max_steps=1),
+            ]
+        )
+        assert not entered and "kl" not in trainer.state.log_history[0], algorithm
