@@ -3,6 +3,7 @@
     python benchmarks/rl_throughput.py                        # each mode once
     python benchmarks/rl_throughput.py --repeats 3 --json out.json
     python benchmarks/rl_throughput.py --beta 0                # TRL's default beta (no reference pass)
+    python benchmarks/rl_throughput.py --vocab 32000 --max-new-tokens 128   # a real vocabulary's log-prob cost
 
 The policy is the demo base model (config/demo/model/config.json: Llama-shaped, hidden 128, 4 layers, the demo's
 304-token tokenizer; random init, fp32) with a new LoRA (r 16, alpha 32, every linear layer but the head). The
@@ -11,6 +12,15 @@ head): ours reads the adapter folder (`reward_model`), TRL gets it merged into a
 `AutoModelForSequenceClassification` folder (component/export/merge.py, fp32) as its `reward_funcs`. The prompts
 are the first `--prompts` questions of data/demo/digits_train.jsonl, rendered by our human_assistant template;
 TRL gets the same token ids (the rendered text, its special tokens included).
+
+`--vocab N` (N > 304) widens the base model's embedding and output layer to N rows before the reward model is
+built on it (`resize_token_embeddings(N, mean_resizing=False)`, as benchmarks/dpo_throughput.py does), so the
+policy, the reference and the reward model's base share the wider vocabulary while the tokenizer keeps its 304
+tokens: the extra rows cost what a real vocabulary costs in the LM head, the sampling and the log-prob pass. Both
+trainers sample from all N ids (nothing suppressed, in neither): the ids past the tokenizer decode to nothing
+(the fast tokenizer skips them, in both trainers' `batch_decode`), so the reward model sees the completion's
+in-vocabulary tokens only, the same way in both, and the policy's EOS is rarely sampled (completions run to
+`--max-new-tokens`).
 
 Both run GRPO with the same group and batch: `--batch-size` prompts x `--generations` completions per step
 (TRL's `per_device_train_batch_size` counts completions, ours prompts), `--max-new-tokens`, `--steps` steps,
@@ -53,7 +63,12 @@ TEMPLATE = "human_assistant"
 TOP_K = 50  # our "top_k" preset (temperature 1, top-p 1)
 
 
-def build_workdir(workdir: Path, prompts: int) -> None:
+def max_seq_length(max_new_tokens: int) -> int:
+    """Ours' (and the reward model's) sequence limit: 128, or room for 112 prompt tokens past longer completions."""
+    return max(128, 112 + max_new_tokens)
+
+
+def build_workdir(workdir: Path, prompts: int, vocab: int = 0, max_new_tokens: int = 16) -> None:
     """The base model, the prompts (JSONL as our readers take them), the reward adapter and its merged copy."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForSequenceClassification
@@ -67,6 +82,13 @@ def build_workdir(workdir: Path, prompts: int) -> None:
     config = json.loads((REPO / "config/demo/model/config.json").read_text(encoding="utf-8"))
     tokenizer = build_tokenizer()
     build_tiny_model(workdir / "model", config=config, seed=0, tokenizer=tokenizer)
+    if vocab > len(tokenizer):  # before the reward model: its base shares the vocabulary
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(workdir / "model")
+        model.resize_token_embeddings(vocab, mean_resizing=False)
+        model.save_pretrained(workdir / "model")
+        del model
     lines = (REPO / "data/demo/digits_train.jsonl").read_text(encoding="utf-8").splitlines()[:prompts]
     (workdir / "prompts.jsonl").write_text("".join(line + "\n" for line in lines), encoding="utf-8")
     from component.data.template import get_template
@@ -93,7 +115,8 @@ def build_workdir(workdir: Path, prompts: int) -> None:
                 parameter.normal_(0, 0.02)
     reward.save_pretrained(workdir / "rm")
     tokenizer.save_pretrained(workdir / "rm")
-    train_args = {"model_name_or_path": str(workdir / "model"), "template": TEMPLATE, "max_seq_length": 128}
+    train_args = {"model_name_or_path": str(workdir / "model"), "template": TEMPLATE}
+    train_args["max_seq_length"] = max_seq_length(max_new_tokens)
     (workdir / "rm" / "train_args.json").write_text(json.dumps(train_args), encoding="utf-8")
     merge_adapter(str(workdir / "rm"), str(workdir / "rm_merged"), dtype="float32")
 
@@ -117,7 +140,7 @@ def run_ours(workdir: Path, options: argparse.Namespace, clock) -> tuple:
         "model_name_or_path": str(workdir / "model"),
         "train_file": str(workdir / "prompts.jsonl"),
         "template": TEMPLATE,
-        "max_seq_length": 128,
+        "max_seq_length": max_seq_length(options.max_new_tokens),
         "finetuning_type": "lora",
         **LORA,
         "algorithm": "grpo",
@@ -252,6 +275,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--beta", type=float, default=0.04, help="KL weight in both (ours: 0.04, TRL's default: 0)")
+    parser.add_argument("--vocab", type=int, default=0, help="output vocabulary (0: the tokenizer's own 304)")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--threads", type=int, default=0, help="torch threads per run (0: torch's default)")
     parser.add_argument("--workdir", type=Path, default=None)
@@ -265,7 +289,7 @@ def main(argv: list[str]) -> None:
         return
     with tempfile.TemporaryDirectory() as scratch:
         workdir = options.workdir or Path(scratch)
-        build_workdir(workdir, options.batch_size * options.steps)
+        build_workdir(workdir, options.batch_size * options.steps, options.vocab, options.max_new_tokens)
         modes = list(options.modes)
         try:
             import trl  # noqa: F401
