@@ -35,7 +35,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.sft_throughput import MODEL_CONFIG, load_average, machine, run_worker, text_of_tokens  # noqa: E402
+from benchmarks.sft_throughput import (  # noqa: E402
+    MODEL_CONFIG,
+    interleaved_runs,
+    load_average,
+    machine,
+    median_rows,
+    text_of_tokens,
+)
 
 MODES = {"ours_default": "ours: default (packed pairs)", "ours_padded": "ours: padded", "trl_default": "TRL DPOTrainer"}
 LORA = {"lora_rank": 16, "lora_alpha": 32, "lora_dropout": 0.0}
@@ -238,21 +245,14 @@ def main(argv: list[str]) -> None:
             print("trl is not installed: skipping its mode", file=sys.stderr)
             modes = [m for m in modes if m != "trl_default"]
         print(f"machine: {machine()}\nload average before: {load_average()}", flush=True)
-        runs: dict[str, list[dict]] = {m: [] for m in modes}
-        for repeat in range(options.repeats):
-            for mode in modes[repeat % len(modes) :] + modes[: repeat % len(modes)]:
-                command = [sys.executable, __file__, "--worker", mode, "--workdir", str(workdir)]
-                command += ["--batch-size", str(options.batch_size), "--threads", str(options.threads)]
-                run = run_worker(command, mode)
-                runs[mode].append(run)
-                print(f"  [{repeat + 1}/{options.repeats}] {mode}: {run['pairs_per_s']:.2f} pairs/s, "
-                      f"{run['peak_rss_mib']:.0f} MiB (load {load_average()})", flush=True)  # fmt: skip
-        rows = []
-        for mode in modes:
-            row = dict(runs[mode][0])
-            for key in ("pairs_per_s", "wall_s", "cpu_s", "peak_rss_mib", "final_loss"):
-                row[key] = statistics.median(r[key] for r in runs[mode])
-            rows.append(row)
+        forwarded = ["--batch-size", str(options.batch_size), "--threads", str(options.threads)]
+        runs = interleaved_runs(
+            modes,
+            options.repeats,
+            lambda mode: [sys.executable, __file__, "--worker", mode, "--workdir", str(workdir), *forwarded],
+            lambda run: f"{run['pairs_per_s']:.2f} pairs/s, {run['peak_rss_mib']:.0f} MiB",
+        )
+        rows = median_rows(runs, ("pairs_per_s", "wall_s", "cpu_s", "peak_rss_mib", "final_loss"))
         print(f"load average after: {load_average()}")
         print(table(rows))
         if options.json:

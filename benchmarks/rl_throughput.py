@@ -55,7 +55,7 @@ sys.path.insert(0, str(REPO))
 
 from transformers import TrainerCallback  # noqa: E402
 
-from benchmarks.sft_throughput import load_average, machine, run_worker  # noqa: E402
+from benchmarks.sft_throughput import interleaved_runs, load_average, machine, median_rows  # noqa: E402
 
 MODES = {"ours": "ours: train_rlhf.py (grpo)", "trl_default": "TRL GRPOTrainer"}
 LORA = {"lora_rank": 16, "lora_alpha": 32, "lora_dropout": 0.0}
@@ -297,32 +297,28 @@ def main(argv: list[str]) -> None:
             print("trl is not installed: skipping its mode", file=sys.stderr)
             modes = [m for m in modes if m != "trl_default"]
         print(f"machine: {machine()}\nload average before: {load_average()}", flush=True)
-        runs: dict[str, list[dict]] = {m: [] for m in modes}
         forwarded = ["--batch-size", str(options.batch_size), "--generations", str(options.generations)]
         forwarded += ["--max-new-tokens", str(options.max_new_tokens), "--steps", str(options.steps)]
         forwarded += ["--beta", str(options.beta), "--threads", str(options.threads)]
-        for repeat in range(options.repeats):
-            for mode in modes[repeat % len(modes) :] + modes[: repeat % len(modes)]:
-                command = [sys.executable, __file__, "--worker", mode, "--workdir", str(workdir), *forwarded]
-                run = run_worker(command, mode)
-                runs[mode].append(run)
-                print(f"  [{repeat + 1}/{options.repeats}] {mode}: {run['completions_per_s']:.1f} completions/s, "
-                      f"{run['peak_rss_mib']:.0f} MiB, mean length {run['mean_length']:.1f} "
-                      f"(load {load_average()})", flush=True)  # fmt: skip
-        rows = []
-        for mode in modes:
-            row = dict(runs[mode][0])
-            for key in (
-                "completions_per_s",
-                "completions_per_cpu_s",
-                "wall_s",
-                "cpu_s",
-                "peak_rss_mib",
-                "mean_length",
-                "reward",
-            ):
-                row[key] = statistics.median(r[key] for r in runs[mode])
-            rows.append(row)
+        runs = interleaved_runs(
+            modes,
+            options.repeats,
+            lambda mode: [sys.executable, __file__, "--worker", mode, "--workdir", str(workdir), *forwarded],
+            lambda run: (
+                f"{run['completions_per_s']:.1f} completions/s, {run['peak_rss_mib']:.0f} MiB, "
+                f"mean length {run['mean_length']:.1f}"
+            ),
+        )
+        keys = (
+            "completions_per_s",
+            "completions_per_cpu_s",
+            "wall_s",
+            "cpu_s",
+            "peak_rss_mib",
+            "mean_length",
+            "reward",
+        )
+        rows = median_rows(runs, keys)
         print(f"load average after: {load_average()}")
         print(table(rows))
         if options.json:

@@ -35,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -411,6 +412,28 @@ def load_average() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
+def interleaved_runs(
+    modes: list[str], repeats: int, command_of: Callable[[str], list[str]], describe: Callable[[dict], str]
+) -> dict[str, list[dict]]:
+    """Each mode `repeats` times, each run in its own process (`run_worker`), the order rotated every round so no
+    mode always runs first on a machine whose load drifts; one progress line per run."""
+    runs: dict[str, list[dict]] = {m: [] for m in modes}
+    for repeat in range(repeats):
+        for mode in modes[repeat % len(modes) :] + modes[: repeat % len(modes)]:
+            run = run_worker(command_of(mode), mode)
+            runs[mode].append(run)
+            print(f"  [{repeat + 1}/{repeats}] {mode}: {describe(run)} (load {load_average()})", flush=True)
+    return runs
+
+
+def median_rows(runs: dict[str, list[dict]], keys: tuple[str, ...]) -> list[dict]:
+    """One row per mode: its first run with `keys` replaced by their medians over the runs."""
+    return [
+        {**mode_runs[0], **{key: statistics.median(r[key] for r in mode_runs) for key in keys}}
+        for mode_runs in runs.values()
+    ]
+
+
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
@@ -451,17 +474,14 @@ def main(argv: list[str]) -> None:
         print(f"machine: {machine()}")
         print(f"data: {len(data.train)} train records, tokens {report}, label tokens {data.report['label_tokens']}")
         print(f"load average before: {load_average()}", flush=True)
-        runs: dict[str, list[dict]] = {m: [] for m in modes}
-        for repeat in range(options.repeats):
-            order = modes[repeat % len(modes) :] + modes[: repeat % len(modes)]  # interleave: rotate the order
-            for mode in order:
-                command = [sys.executable, __file__, "--worker", mode, "--workdir", str(workdir)]
-                command += ["--max-length", str(options.max_length), "--batch-size", str(options.batch_size)]
-                command += ["--threads", str(options.threads), "--seed", str(options.seed)]
-                run = run_worker(command, mode)
-                runs[mode].append(run)
-                print(f"  [{repeat + 1}/{options.repeats}] {mode}: {run['label_tokens_per_s']:.0f} label tokens/s, "
-                      f"{run['wall_s']:.1f} s (load {load_average()})", flush=True)  # fmt: skip
+        common = ["--max-length", str(options.max_length), "--batch-size", str(options.batch_size)]
+        common += ["--threads", str(options.threads), "--seed", str(options.seed)]
+        runs = interleaved_runs(
+            modes,
+            options.repeats,
+            lambda mode: [sys.executable, __file__, "--worker", mode, "--workdir", str(workdir), *common],
+            lambda run: f"{run['label_tokens_per_s']:.0f} label tokens/s, {run['wall_s']:.1f} s",
+        )
         rows = [median_row(runs[m]) for m in modes]
         print(f"load average after: {load_average()}")
         print(table(rows))
