@@ -143,6 +143,17 @@ def token_logprobs(
     return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
 
 
+@torch.no_grad()
+def token_entropies(hidden: torch.Tensor, head: OutputHead, chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
+    """The entropy of the head's distribution at each of `hidden`'s positions [n] (no gradient; logged by RL).
+    Peak memory: one chunk x vocab."""
+    pieces = []
+    for start in range(0, hidden.shape[0], chunk_size):
+        log_probs = torch.log_softmax(head.logits(hidden[start : start + chunk_size]), -1)
+        pieces.append(-(log_probs.exp() * log_probs).sum(-1))
+    return torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
+
+
 class _ChunkedLoss(torch.autograd.Function):
     """A scalar loss whose gradients are taken chunk by chunk during the forward, then scaled in backward.
 

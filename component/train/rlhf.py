@@ -4,9 +4,9 @@ Each batch of prompts becomes a rollout: `num_generations` sampled completions p
 `generate`, KV cache, the template's stop tokens and strings), their rewards (the reward model re-renders each
 conversation in its own template, plus rule rewards), the policy's and the reference's per-token log-probs, and
 the advantages (GRPO: group-normalised; RLOO: leave-one-out with the KL in the reward; PPO: GAE with a value head
-trained jointly, the KL as a per-token reward). The loss reuses the
-rollout for `num_iterations` optimisation passes (the sampler repeats each global batch). The reference shares
-the policy's base: the adapter switched off, or a frozen copy of a continued adapter.
+trained jointly, the KL as a per-token reward). The loss reuses the rollout for `num_iterations` optimisation
+passes (the sampler repeats each global batch). The reference shares the policy's base: the adapter switched
+off, or a frozen copy of a continued adapter.
 """
 
 from __future__ import annotations
@@ -33,7 +33,13 @@ from component.inference.engine import clean_answer, generate_kwargs
 from component.inference.scoring import RewardScorer
 from component.train.dpo import as_reference, unwrap
 from component.train.guards import ReliableTrainerMixin
-from component.train.lm_head import DEFAULT_CHUNK_SIZE, OutputHead, decoder_hidden_states, token_logprobs
+from component.train.lm_head import (
+    DEFAULT_CHUNK_SIZE,
+    OutputHead,
+    decoder_hidden_states,
+    token_entropies,
+    token_logprobs,
+)
 from component.train.rl import (
     clipped_policy_loss,
     clipped_value_loss,
@@ -108,14 +114,7 @@ def completion_logps(
     def spread(flat: torch.Tensor) -> torch.Tensor:
         return torch.zeros(mask.shape, dtype=flat.dtype, device=flat.device).masked_scatter(mask, flat)
 
-    entropies = None
-    if entropy:
-        with torch.no_grad():
-            pieces = []
-            for start in range(0, states.shape[0], chunk):
-                log_probs = torch.log_softmax(head.logits(states[start : start + chunk].detach()), -1)
-                pieces.append(-(log_probs.exp() * log_probs).sum(-1))
-            entropies = spread(torch.cat(pieces) if pieces else values.new_zeros(0))
+    entropies = spread(token_entropies(states, head, chunk)) if entropy else None
     state_values = spread(value_head(states)) if value_head is not None else None
     return CompletionStats(spread(values), entropies, state_values)
 
