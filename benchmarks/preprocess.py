@@ -8,7 +8,7 @@ Writes a Firefly-layout file (`kind`/`input`/`target`, median ~100 Chinese chara
 `num_proc` workers, reports and writes the cache; the second loads the cache. Prints records/s for both, the
 time of each stage of the first run, and what that rate means for Firefly's 1.1M records.
 
-Tokenizer: the real Baichuan2 SentencePiece tokenizer from the shared fixtures (template baichuan_chat) when it
+Tokenizer: the real Baichuan2 SentencePiece tokenizer from tests/fixtures (template baichuan_chat) when it
 is there, else (or with --tokenizer bytes) the byte-level demo tokenizer (template human_assistant).
 """
 
@@ -28,8 +28,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-BAICHUAN2_TOKENIZER = REPO.parent / "shared" / "fixtures" / "tokenizers" / "baichuan2"
-BAICHUAN_CONFIG = REPO.parent / "shared" / "fixtures" / "baichuan_ref" / "baichuan2_7b_h4" / "config.json"
+BAICHUAN2_TOKENIZER = REPO / "tests" / "fixtures" / "tokenizers" / "baichuan2"
+BAICHUAN_CONFIG = REPO / "tests" / "fixtures" / "baichuan_ref" / "baichuan2_7b_h4" / "config.json"
 FIREFLY_RECORDS = 1_100_000
 
 

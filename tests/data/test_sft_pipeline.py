@@ -18,8 +18,8 @@ def write_args(tmp_path: Path, **values) -> str:
 
 
 @pytest.fixture()
-def mixed_args(tmp_path, tiny_llama_dir, shared_fixtures):
-    datasets = shared_fixtures / "datasets"
+def mixed_args(tmp_path, tiny_llama_dir, fixtures_dir):
+    datasets = fixtures_dir / "datasets"
     return {
         "model_name_or_path": str(tiny_llama_dir),
         "train_file": [
@@ -107,8 +107,8 @@ def test_test_size_holds_out_a_split(tmp_path, mixed_args):
     )
 
 
-def test_malformed_line_is_an_error_naming_file_and_line(tmp_path, mixed_args, shared_fixtures):
-    bad = str(shared_fixtures / "datasets" / "edge_cases" / "belle_malformed_line4.json")
+def test_malformed_line_is_an_error_naming_file_and_line(tmp_path, mixed_args, fixtures_dir):
+    bad = str(fixtures_dir / "datasets" / "edge_cases" / "belle_malformed_line4.json")
     with pytest.raises(ValueError, match="belle_malformed_line4.json:4"):
         train_sft.main(["--train_args_file", write_args(tmp_path, **{**mixed_args, "train_file": bad})])
     train_sft.main(

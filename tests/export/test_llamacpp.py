@@ -25,11 +25,11 @@ import torch
 from component.export.gguf import write_gguf
 from component.model.loader import load_pretrained, load_tokenizer
 from tests.export.tiny_models import BAICHUAN_TOKENIZER, BAICHUAN_VARIANTS, build_baichuan, build_qwen2
-from tests.utils import REPO
+from tests.utils import REPO, opt_in, skip_without_demo
 
 BIN = Path(os.environ.get("LLAMA_CPP_BIN", ""))
 pytestmark = pytest.mark.skipif(
-    not (BIN / "llm_logits").is_file(), reason="set LLAMA_CPP_BIN to cpp/build.sh's output (make check-llamacpp)"
+    not (BIN / "llm_logits").is_file(), reason=opt_in("the llama.cpp build (LLAMA_CPP_BIN, cpp/build.sh's output)", "make check-llamacpp")
 )
 PROMPTS = {
     "llama": "Human: 把 8854 逐位写成汉字\n\nAssistant: 八八五四",
@@ -112,10 +112,8 @@ def test_logits_and_greedy_match_transformers(demo_tokenizer, tmp_path):
 
 
 def demo_folder() -> Path:
-    for root in (REPO / "output" / "demo", Path("/work/main/output/demo")):
-        if (root / "sft" / "adapter_config.json").is_file():
-            return root
-    pytest.skip("the fine-tuned demo model (make demo) is not there")
+    skip_without_demo("output/demo/sft")
+    return REPO / "output" / "demo"
 
 
 def test_cpp_chat_matches_generate_py_on_the_demo(tmp_path):

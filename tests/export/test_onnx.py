@@ -1,7 +1,7 @@
 """export.py --format onnx: the KV-cache decoder graph on onnxruntime equals our PyTorch model.
 
 For a Llama (exported from base + LoRA through export.py's code), a Qwen2 (GQA, q/k/v biases) and the four
-native Baichuan variants (the two reference checkpoints in ../shared/fixtures: Baichuan-13B ALiBi and
+native Baichuan variants (the two reference checkpoints in tests/fixtures: Baichuan-13B ALiBi and
 Baichuan2-7B RoPE + NormHead; and Baichuan-7B RoPE, Baichuan2-13B ALiBi + NormHead built from configs):
 fp32 logits within 1e-4 for left-padded prompts of different lengths without a cache and over 8 cached decode
 steps, and greedy generation token for token. Each model is exported once per module (export is the slow part).
@@ -19,13 +19,11 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-pytest.importorskip("onnxruntime")
-
 from component.config.generation import resolve_settings  # noqa: E402
 from component.config.inference import ExportOptions  # noqa: E402
 from component.export.onnx import cache_names, export_decoder, export_onnx  # noqa: E402
 from component.inference.onnx_engine import OnnxDecoder  # noqa: E402
-from tests.utils import REPO  # noqa: E402
+from tests.utils import REPO, skip_without_demo  # noqa: E402
 
 FP32_TOLERANCE = 1e-4
 FP16_TOLERANCE = 2e-2  # fp16 graph vs the fp32 PyTorch model, on logits of magnitude ~1 (docs/export.md)
@@ -114,13 +112,13 @@ def _reference_model(name: str, output: Path, shared: Path):
 
 
 @pytest.fixture(scope="module", params=MODELS)
-def exported(request, tmp_path_factory, shared_fixtures):
+def exported(request, tmp_path_factory, fixtures_dir):
     """(name, PyTorch model, onnxruntime decoder) per architecture, exported once for the module."""
     if request.param == "llama":
         model, folder = request.getfixturevalue("llama_export")
     else:
         folder = tmp_path_factory.mktemp(f"onnx_{request.param}")
-        model = _reference_model(request.param, folder, shared_fixtures)
+        model = _reference_model(request.param, folder, fixtures_dir)
     return request.param, model, OnnxDecoder(folder)
 
 
@@ -289,8 +287,7 @@ def test_demo_sft_export_reproduces_exact_match(tmp_path):
     """export.py on the demo's base + SFT adapter (fp32 logits within 1e-4 of base + adapter in PyTorch), then
     generate.py compare --backend onnxruntime: the demo's exact match (1.0 on the 200 held-out questions, greedy)."""
     demo = REPO / "output" / "demo"
-    if not all((demo / name).is_dir() for name in ("base_model", "sft")):
-        pytest.skip("demo models not built (make demo)")
+    skip_without_demo(demo / "base_model", demo / "sft")
     exported = tmp_path / "sft_onnx"
     run = [sys.executable, "export.py", "--format", "onnx", "--adapter", str(demo / "sft")]
     result = subprocess.run([*run, "--output_dir", str(exported)], cwd=REPO, capture_output=True, text=True)

@@ -3,8 +3,8 @@
 - `build_qwen2`: a Qwen2-shaped model (GQA, q/k/v biases, tied embeddings) with a byte-level BPE tokenizer that
   pre-tokenizes with Qwen2's regex, and a ChatML chat template.
 - `build_baichuan`: the four Baichuan variants as hub folders (hub config spelling, `auto_map`, weight names
-  `W_pack` and an unnormalised `lm_head`), with the real Baichuan2 tokenizer (125696 pieces) from the shared
-  fixtures. Baichuan-1 configs say `use_norm_head: false` because that vocabulary size alone would mean
+  `W_pack` and an unnormalised `lm_head`), with the real Baichuan2 tokenizer (125696 pieces) in
+  tests/fixtures. Baichuan-1 configs say `use_norm_head: false` because that vocabulary size alone would mean
   Baichuan2. `layers=None` gives what llama.cpp needs: 32 layers for RoPE, 40 for ALiBi.
 """
 
@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from tests.utils import SHARED_FIXTURES
+from tests.utils import FIXTURES
 
-BAICHUAN_TOKENIZER = SHARED_FIXTURES / "tokenizers" / "baichuan2"
+BAICHUAN_TOKENIZER = FIXTURES / "tokenizers" / "baichuan2"
 # variant -> (hub architectures spelling, ALiBi, NormHead)
 BAICHUAN_VARIANTS = {
     "baichuan_7b": ("BaiChuanForCausalLM", False, False),

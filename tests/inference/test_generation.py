@@ -23,7 +23,7 @@ from component.data.template import HumanAssistantTemplate, get_template
 from component.inference.chat import ChatSession, chat_loop
 from component.inference.compare import Question, compare_models, run_compare
 from component.inference.engine import clean_answer, generate_answers, load_for_generation
-from tests.utils import REPO, TINY_LLAMA
+from tests.utils import REPO, TINY_LLAMA, skip_without_demo
 
 TINY = TINY_LLAMA  # the suite's tiny Llama (tests/conftest.py)
 QUESTIONS = ["把 1234 逐位写成汉字", "你好 <b>|</b>", "把 90 逐位写成汉字"]
@@ -255,7 +255,6 @@ def test_answer_excludes_prompt_and_stops_at_the_templates_stop_tokens(loaded):
 
 
 def test_4bit_loading_generates(tmp_path):
-    pytest.importorskip("bitsandbytes")
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -399,8 +398,7 @@ def test_compare_with_references_reports_exact_match(tiny, tmp_path):
 def test_demo_compare_config_parses():
     config = json.loads((REPO / "config/demo/compare.json").read_text(encoding="utf-8"))
     folders = [config["model_name_or_path"], *(a.partition("=")[2] for a in config["adapter"])]
-    if not all((REPO / folder).is_dir() for folder in folders):
-        pytest.skip("demo models not built (make demo)")
+    skip_without_demo(*folders)
     options = parse_options(
         CompareOptions, ["--config", str(REPO / "config/demo/compare.json"), "--reward_model", "null"]
     )

@@ -23,8 +23,6 @@ from component.config.inference import ChatOptions, CompareOptions, parse_option
 from component.config.parser import ConfigError
 from component.inference.onnx_engine import banned_ngram_tokens, process_logits
 
-pytest.importorskip("onnxruntime")
-
 
 def _hf(scores: np.ndarray, sequence: np.ndarray, settings) -> np.ndarray:
     processors = [RepetitionPenaltyLogitsProcessor(settings.repetition_penalty)]
@@ -113,15 +111,15 @@ def test_serving_tokenizer_equals_transformers_fast_tokenizer(demo_tokenizer, tm
         )
 
 
-def test_serving_tokenizer_equals_native_baichuan_tokenizer(shared_fixtures, tmp_path):
+def test_serving_tokenizer_equals_native_baichuan_tokenizer(fixtures_dir, tmp_path):
     """Baichuan ships only tokenizer.model: the serving side reads it with sentencepiece, same ids and answers."""
     from component.inference.onnx_engine import ServingTokenizer
     from component.model.baichuan import load_baichuan_tokenizer
 
-    native = load_baichuan_tokenizer(shared_fixtures / "tokenizers" / "baichuan2")
+    native = load_baichuan_tokenizer(fixtures_dir / "tokenizers" / "baichuan2")
     native.save_pretrained(tmp_path)
     serving = ServingTokenizer(tmp_path)
-    reference = json.loads((shared_fixtures / "baichuan_ref" / "tokenizer_reference.json").read_text(encoding="utf-8"))
+    reference = json.loads((fixtures_dir / "baichuan_ref" / "tokenizer_reference.json").read_text(encoding="utf-8"))
     for text in [*reference["texts"], *TEXTS]:
         for special in (True, False):
             ids = native(text, add_special_tokens=special)["input_ids"]

@@ -24,7 +24,7 @@ import pytest
 
 from component.config.inference import ChatOptions, parse_options
 from component.config.parser import ConfigError
-from tests.utils import REPO
+from tests.utils import REPO, opt_in
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -40,9 +40,9 @@ QUESTION = "把 12 逐位写成汉字"
 ANSWER_TOKENS = 12
 
 pytestmark = [
-    pytest.mark.skipif(importlib.util.find_spec("gradio") is None, reason="gradio missing: requirements-web.txt"),
-    pytest.mark.skipif(importlib.util.find_spec("playwright") is None, reason="playwright missing: requirements-dev"),
-    pytest.mark.skipif(not CHROMIUM.is_file(), reason="no /usr/bin/chromium (make setup installs Debian's)"),
+    pytest.mark.skipif(
+        not CHROMIUM.is_file(), reason=opt_in("Debian's /usr/bin/chromium", "apt-get install chromium (make setup as root)")
+    ),
 ]
 
 

@@ -23,7 +23,7 @@ from component.inference.compare import Question, compare_models
 from component.inference.engine import generate_answers, stream_answer
 from component.inference.scoring import load_reward_scorer
 from component.inference.web.backend import WebBackend, load_backend
-from tests.utils import REPO
+from tests.utils import REPO, skip_without_demo
 
 QUESTION = "把 12 逐位写成汉字"
 
@@ -199,8 +199,7 @@ def test_demo_web_config_parses():
     config = json.loads(path.read_text(encoding="utf-8"))
     assert {k for k in config if not k.startswith("_")} <= set(fields_of(WebOptions))
     folders = [config["model_name_or_path"], config["reward_model"], *(a.partition("=")[2] for a in config["adapter"])]
-    if not all((REPO / folder).is_dir() for folder in folders):
-        pytest.skip("demo models not built (make demo)")
+    skip_without_demo(*folders)
     options = parse_options(WebOptions, ["--config", str(path)])
     assert list(options.adapters()) == ["sft", "dpo"] and options.settings()[0].preset == "greedy"
 

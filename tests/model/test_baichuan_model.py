@@ -1,6 +1,6 @@
 """Native Baichuan model: hub-code reference outputs, padding/packing/cache equivalence, save/load, QLoRA.
 
-Reference folders (shared/fixtures/baichuan_ref/) hold tiny random checkpoints and outputs of the ORIGINAL hub
+Reference folders (tests/fixtures/baichuan_ref/) hold tiny random checkpoints and outputs of the ORIGINAL hub
 modeling code (transformers 4.33, fp32): Baichuan-13B (ALiBi) and Baichuan2-7B (RoPE + NormHead).
 """
 
@@ -13,18 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 
-FIXTURES = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures"
+from tests.utils import FIXTURES
+
 REF = FIXTURES / "baichuan_ref"
 REF_FOLDERS = ["baichuan_13b_h4", "baichuan2_7b_h4"]
 ATOL = 1e-5
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
-
-def _need_ref() -> Path:
-    if not REF.is_dir():
-        pytest.skip(f"Baichuan reference fixtures not found at {REF}")
-    return REF
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +36,7 @@ def ref_models(baichuan):
     """Each reference folder loaded once through the Auto classes, remote code off."""
     from transformers import AutoModelForCausalLM
 
-    ref = _need_ref()
+    ref = REF
     models = {}
     for name in REF_FOLDERS:
         model = AutoModelForCausalLM.from_pretrained(ref / name, trust_remote_code=False)
@@ -49,14 +45,14 @@ def ref_models(baichuan):
 
 
 def _reference(name: str) -> dict:
-    with open(_need_ref() / name / "reference.json", encoding="utf-8") as handle:
+    with open(REF / name / "reference.json", encoding="utf-8") as handle:
         return json.load(handle)
 
 
 def _reference_logits(name: str) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    return load_file(str(_need_ref() / name / "reference_logits.safetensors"))
+    return load_file(str(REF / name / "reference_logits.safetensors"))
 
 
 def _tiny_config(baichuan, *, alibi: bool, heads: int = 5, head_dim: int = 8, norm_head: bool = False, **kw):
@@ -141,7 +137,7 @@ def test_variant_detection_matches_published_configs(baichuan, name):
 def test_fixture_configs_detected_and_quirks_accepted(baichuan):
     from transformers import AutoConfig
 
-    ref = _need_ref()
+    ref = REF
     c13 = AutoConfig.from_pretrained(ref / "baichuan_13b_h4", trust_remote_code=False)
     c2 = AutoConfig.from_pretrained(ref / "baichuan2_7b_h4", trust_remote_code=False)
     assert isinstance(c13, baichuan.BaichuanConfig) and isinstance(c2, baichuan.BaichuanConfig)
@@ -175,7 +171,7 @@ def test_hub_folder_python_files_are_never_executed(baichuan, tmp_path, trust_re
 
     tokenizer_dir = FIXTURES / "tokenizers" / "baichuan2"
     folder = tmp_path / "hub"
-    shutil.copytree(_need_ref() / "baichuan_13b_h4", folder)
+    shutil.copytree(REF / "baichuan_13b_h4", folder)
     shutil.copy(tokenizer_dir / "tokenizer.model", folder / "tokenizer.model")
     shutil.copy(tokenizer_dir / "tokenizer_config.json", folder / "tokenizer_config.json")
     for module in ("configuration_baichuan", "modeling_baichuan", "tokenization_baichuan", "generation_utils"):
@@ -267,7 +263,7 @@ def test_loaded_with_native_classes(baichuan, ref_models, name):
     if name == "baichuan2_7b_h4":
         from safetensors.torch import load_file
 
-        raw = load_file(str(_need_ref() / name / "model.safetensors"))["lm_head.weight"]
+        raw = load_file(str(REF / name / "model.safetensors"))["lm_head.weight"]
         assert not torch.allclose(raw.norm(dim=-1), torch.ones(raw.shape[0]))
         with torch.no_grad():
             model(torch.tensor([[1, 5, 6]]))
@@ -573,7 +569,6 @@ def test_sequence_classification_pools_last_non_pad_token(baichuan, tmp_path):
 
 def test_sequence_classification_lora_with_trainable_score(baichuan, tmp_path):
     """peft LoRA + modules_to_save=["score"]: trains, saves and reloads through AutoModelForSequenceClassification."""
-    pytest.importorskip("peft")
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForSequenceClassification
 
@@ -656,7 +651,7 @@ def test_flash_attention_is_refused_with_a_clear_error(baichuan):
     assert model.config._attn_implementation == "sdpa"
     with pytest.raises(ValueError, match="does not support Flash Attention"):
         baichuan.BaichuanForCausalLM.from_pretrained(
-            _need_ref() / "baichuan_13b_h4", attn_implementation="flash_attention_2"
+            REF / "baichuan_13b_h4", attn_implementation="flash_attention_2"
         )
     model.config._attn_implementation_internal = "flash_attention_2"  # bypassing the checks above
     with pytest.raises(ValueError, match="additive 4D bias"):
@@ -676,7 +671,7 @@ def test_save_and_reload_keeps_weight_names_config_and_logits(ref_models, name, 
 
     with open(tmp_path / "config.json", encoding="utf-8") as handle:
         saved = json.load(handle)
-    with open(_need_ref() / name / "config.json", encoding="utf-8") as handle:
+    with open(REF / name / "config.json", encoding="utf-8") as handle:
         original = json.load(handle)
     assert saved["model_type"] == "baichuan"
     assert saved["architectures"] == original["architectures"]  # the hub spelling (BaiChuanForCausalLM for 7B)
@@ -700,7 +695,6 @@ def test_save_and_reload_keeps_weight_names_config_and_logits(ref_models, name, 
 @pytest.mark.slow
 def test_qlora_4bit_step_on_13b_shaped_checkpoint(baichuan, tmp_path):
     """4-bit NF4 (double quant) + LoRA on W_pack/o_proj/gate/up/down of an ALiBi model: the loss falls."""
-    pytest.importorskip("bitsandbytes")
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-FIXTURES = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures"
+from tests.utils import FIXTURES
+
 TOKENIZER_DIR = FIXTURES / "tokenizers" / "baichuan2"
 REFERENCE = FIXTURES / "baichuan_ref" / "tokenizer_reference.json"
 
@@ -43,8 +44,6 @@ ATTRIBUTES = [
 
 @pytest.fixture(scope="module")
 def reference() -> dict:
-    if not REFERENCE.is_file() or not (TOKENIZER_DIR / "tokenizer.model").is_file():
-        pytest.skip(f"Baichuan tokenizer fixtures not found under {FIXTURES}")
     with open(REFERENCE, encoding="utf-8") as handle:
         return json.load(handle)
 

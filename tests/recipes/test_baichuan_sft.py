@@ -25,8 +25,8 @@ def shipped_config(tmp_path: Path, **overrides) -> str:
     return str(path)
 
 
-def test_lora_config_dry_run_and_two_qlora_steps_on_tiny_baichuan_13b(tmp_path, baichuan_13b_folder, shared_fixtures):
-    data = shared_fixtures / "datasets" / "safety_prompts.typical_safety_scenarios.handmade.json"
+def test_lora_config_dry_run_and_two_qlora_steps_on_tiny_baichuan_13b(tmp_path, baichuan_13b_folder, fixtures_dir):
+    data = fixtures_dir / "datasets" / "safety_prompts.typical_safety_scenarios.handmade.json"
     shipped = json.loads((REPO / "config" / "lora_config.json").read_text(encoding="utf-8"))
     assert "trust_remote_code" not in shipped and shipped["template"] == "human_assistant"
     args_file = shipped_config(

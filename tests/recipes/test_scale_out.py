@@ -35,8 +35,6 @@ ENGINES = {
 }
 SHARDED = ("zero3", "fsdp")  # their full runs save a step-2 checkpoint, and a resume from it runs after them
 
-pytest.importorskip("deepspeed", reason="deepspeed is a test requirement (requirements-dev.txt)")
-
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory, tiny_llama_dir) -> Path:

@@ -188,7 +188,7 @@ def test_sft_weight_adds_the_chosen_nll_per_token():
     ("loss_type", "label_smoothing"), [("sigmoid", 0.0), ("ipo", 0.0), ("hinge", 0.0), ("robust", 0.2)]
 )
 def test_loss_and_gradients_equal_trl(tiny_llama_dir, demo_tokenizer, tmp_path, loss_type, label_smoothing):
-    trl = pytest.importorskip("trl")
+    import trl
     from datasets import Dataset
     from trl.trainer.dpo_trainer import DataCollatorForPreference
 
@@ -359,7 +359,7 @@ def test_unknown_loss_type_names_the_choices(tiny_llama_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_baichuan_13b_qlora_config_continues_an_sft_adapter(tmp_path, baichuan_13b_folder, shared_fixtures):
+def test_baichuan_13b_qlora_config_continues_an_sft_adapter(tmp_path, baichuan_13b_folder, fixtures_dir):
     from peft import LoraConfig, get_peft_model
 
     from component.model.baichuan import BaichuanForCausalLM
@@ -367,7 +367,7 @@ def test_baichuan_13b_qlora_config_continues_an_sft_adapter(tmp_path, baichuan_1
     sft = tmp_path / "sft"  # an SFT adapter on the tiny Baichuan-13B-shaped base, as train_sft.py would leave
     base = BaichuanForCausalLM.from_pretrained(baichuan_13b_folder)
     get_peft_model(base, LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM")).save_pretrained(sft)
-    data = shared_fixtures / "datasets" / "rlhf-reward-single-round-trans_chinese.handmade.parquet"
+    data = fixtures_dir / "datasets" / "rlhf-reward-single-round-trans_chinese.handmade.parquet"
     args_file = shipped_config(
         "dpo", "lora_config.json", tmp_path, baichuan_13b_folder, data, adapter_name_or_path=str(sft)
     )
@@ -381,8 +381,8 @@ def test_baichuan_13b_qlora_config_continues_an_sft_adapter(tmp_path, baichuan_1
 
 
 @pytest.mark.slow
-def test_hh_rlhf_qwen_config_dry_run(tmp_path, tiny_llama_dir, shared_fixtures):
-    data = shared_fixtures / "datasets" / "hh-rlhf.handmade.jsonl.gz"
+def test_hh_rlhf_qwen_config_dry_run(tmp_path, tiny_llama_dir, fixtures_dir):
+    data = fixtures_dir / "datasets" / "hh-rlhf.handmade.jsonl.gz"
     train_dpo.main(
         [
             "--train_args_file",

@@ -165,7 +165,6 @@ QLORA_MODELS = {  # bitsandbytes' CPU 4-bit kernels want rows of a multiple of 6
 
 @pytest.mark.parametrize("name", list(QLORA_MODELS))
 def test_qlora_4bit_base_gives_the_models_loss_and_lora_gradients(tmp_path, name):
-    pytest.importorskip("bitsandbytes")
     from component.config.training import FinetuneArguments
     from component.model.loader import load_model
 

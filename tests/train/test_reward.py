@@ -358,8 +358,8 @@ def test_resume_after_a_stop_matches_an_uninterrupted_run(small_run):
 
 # --- the shipped configs ----------------------------------------------------------------------------
 @pytest.mark.slow
-def test_baichuan_13b_qlora_config_dry_run_and_two_steps(tmp_path, baichuan_13b_folder, shared_fixtures):
-    data = shared_fixtures / "datasets" / "rlhf-reward-single-round-trans_chinese.handmade.parquet"
+def test_baichuan_13b_qlora_config_dry_run_and_two_steps(tmp_path, baichuan_13b_folder, fixtures_dir):
+    data = fixtures_dir / "datasets" / "rlhf-reward-single-round-trans_chinese.handmade.parquet"
     args_file = shipped_config("rm", "lora_config.json", tmp_path, baichuan_13b_folder, data)
     train_rm.main(["--train_args_file", args_file, "--dry_run", "true"])
     report = json.loads((tmp_path / "out" / "data_report.json").read_text(encoding="utf-8"))
@@ -372,8 +372,8 @@ def test_baichuan_13b_qlora_config_dry_run_and_two_steps(tmp_path, baichuan_13b_
 
 
 @pytest.mark.slow
-def test_hh_rlhf_qwen_config_dry_run(tmp_path, tiny_llama_dir, shared_fixtures):
-    data = shared_fixtures / "datasets" / "hh-rlhf.handmade.jsonl.gz"
+def test_hh_rlhf_qwen_config_dry_run(tmp_path, tiny_llama_dir, fixtures_dir):
+    data = fixtures_dir / "datasets" / "hh-rlhf.handmade.jsonl.gz"
     train_rm.main(["--train_args_file", shipped_config("rm", "hh_rlhf_qwen.json", tmp_path, tiny_llama_dir, data)])
     report = json.loads((tmp_path / "out" / "data_report.json").read_text(encoding="utf-8"))
     assert [s["format"] for s in report["sources"]] == ["hh_rlhf", "hh_rlhf"]

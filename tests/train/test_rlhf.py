@@ -171,8 +171,8 @@ def shipped_rl_config(tmp_path: Path, name: str, model: Path, data: Path, **over
     return str(path)
 
 
-def test_baichuan_grpo_config_dry_run_reads_the_safety_prompts(tmp_path, baichuan_13b_folder, shared_fixtures):
-    data = shared_fixtures / "datasets" / "safety_prompts.typical_safety_scenarios.handmade.json"
+def test_baichuan_grpo_config_dry_run_reads_the_safety_prompts(tmp_path, baichuan_13b_folder, fixtures_dir):
+    data = fixtures_dir / "datasets" / "safety_prompts.typical_safety_scenarios.handmade.json"
     sft = tmp_path / "sft"
     sft.mkdir()
     (sft / "adapter_config.json").write_text("{}", encoding="utf-8")
@@ -183,8 +183,8 @@ def test_baichuan_grpo_config_dry_run_reads_the_safety_prompts(tmp_path, baichua
     assert report["sources"][0]["skipped"].get("scenario_excluded", 0) > 0  # the config's scenarios only
 
 
-def test_rloo_qwen_config_reads_prompts_from_a_preference_file(tmp_path, tiny_llama_dir, shared_fixtures):
-    data = shared_fixtures / "datasets" / "hh-rlhf.handmade.jsonl.gz"
+def test_rloo_qwen_config_reads_prompts_from_a_preference_file(tmp_path, tiny_llama_dir, fixtures_dir):
+    data = fixtures_dir / "datasets" / "hh-rlhf.handmade.jsonl.gz"
     args = shipped_rl_config(tmp_path, "rloo_qwen.json", tiny_llama_dir, data, max_seq_length=512)
     assert train_rlhf.main(["--train_args_file", args, "--dry_run", "true"]) is None
     report = json.loads((tmp_path / "out/data_report.json").read_text())
