@@ -8,7 +8,7 @@ import sys
 
 from tests.utils import REPO
 
-CASES = '''
+CASES = """
 import pytest
 from tests.utils import opt_in
 
@@ -29,7 +29,7 @@ def test_opt_in_skip():
 @pytest.mark.xfail(reason="known")
 def test_xfail():
     raise AssertionError
-'''
+"""
 HOOKS = "from tests.conftest import pytest_make_collect_report, pytest_runtest_makereport  # noqa: F401\n"
 
 

@@ -29,7 +29,8 @@ from tests.utils import REPO, opt_in, skip_without_demo
 
 BIN = Path(os.environ.get("LLAMA_CPP_BIN", ""))
 pytestmark = pytest.mark.skipif(
-    not (BIN / "llm_logits").is_file(), reason=opt_in("the llama.cpp build (LLAMA_CPP_BIN, cpp/build.sh's output)", "make check-llamacpp")
+    not (BIN / "llm_logits").is_file(),
+    reason=opt_in("the llama.cpp build (LLAMA_CPP_BIN, cpp/build.sh's output)", "make check-llamacpp"),
 )
 PROMPTS = {
     "llama": "Human: 把 8854 逐位写成汉字\n\nAssistant: 八八五四",

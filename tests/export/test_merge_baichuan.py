@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from component.export.merge import merge_adapter
 from component.model.loader import load_pretrained
-from tests.export.tiny_models import BAICHUAN_TOKENIZER, BAICHUAN_VARIANTS, build_baichuan
+from tests.export.tiny_models import BAICHUAN_VARIANTS, build_baichuan
 
 INPUT_IDS = torch.tensor([[1, 195, 92, 1000, 5000, 196, 31, 2]])
 

@@ -8,7 +8,6 @@ Screenshots of both tabs go to $WEB_SCREENSHOT_DIR when set (`make web-screensho
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import json
 import os
@@ -41,7 +40,8 @@ ANSWER_TOKENS = 12
 
 pytestmark = [
     pytest.mark.skipif(
-        not CHROMIUM.is_file(), reason=opt_in("Debian's /usr/bin/chromium", "apt-get install chromium (make setup as root)")
+        not CHROMIUM.is_file(),
+        reason=opt_in("Debian's /usr/bin/chromium", "apt-get install chromium (make setup as root)"),
     ),
 ]
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,7 +19,6 @@ REF_FOLDERS = ["baichuan_13b_h4", "baichuan2_7b_h4"]
 ATOL = 1e-5
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-
 
 
 @pytest.fixture(scope="module")
@@ -650,9 +648,7 @@ def test_flash_attention_is_refused_with_a_clear_error(baichuan):
             model.set_attn_implementation(implementation)
     assert model.config._attn_implementation == "sdpa"
     with pytest.raises(ValueError, match="does not support Flash Attention"):
-        baichuan.BaichuanForCausalLM.from_pretrained(
-            REF / "baichuan_13b_h4", attn_implementation="flash_attention_2"
-        )
+        baichuan.BaichuanForCausalLM.from_pretrained(REF / "baichuan_13b_h4", attn_implementation="flash_attention_2")
     model.config._attn_implementation_internal = "flash_attention_2"  # bypassing the checks above
     with pytest.raises(ValueError, match="additive 4D bias"):
         model(torch.tensor([[3, 4, 5]]))

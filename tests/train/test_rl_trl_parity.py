@@ -76,6 +76,7 @@ def perturb_lora(model, seed: int, scale: float) -> None:
 
 def trl_trainer(algorithm, model_dir, tokenizer, prompt_ids, tmp_path, **settings):
     import trl
+
     config_class, trainer_class = (
         (trl.GRPOConfig, trl.GRPOTrainer) if algorithm == "grpo" else (trl.RLOOConfig, trl.RLOOTrainer)
     )
