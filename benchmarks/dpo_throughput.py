@@ -35,7 +35,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.sft_throughput import (  # noqa: E402
+from benchmarks.common import (  # noqa: E402
     MODEL_CONFIG,
     interleaved_runs,
     load_average,

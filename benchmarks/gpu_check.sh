@@ -58,7 +58,7 @@ import json, os, subprocess, sys, time
 from pathlib import Path
 
 REPO = Path.cwd()
-sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
+sys.path[:0] = [str(REPO)]
 WORK, STEPS = Path(sys.argv[1]), int(sys.argv[2])
 SMOKE = bool(os.environ.get("SMOKE"))  # CPU, tiny model: checks the script, measures nothing
 MODEL = {
@@ -84,7 +84,7 @@ def prepare():
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
     from component.demo_assets import build_tokenizer
-    from sft_throughput import firefly_records
+    from benchmarks.common import firefly_records
 
     model_dir = WORK / "model"
     if not (model_dir / "config.json").is_file():

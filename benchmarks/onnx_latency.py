@@ -27,7 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.sft_throughput import MODEL_CONFIG, load_average, machine, run_worker  # noqa: E402
+from benchmarks.common import MODEL_CONFIG, load_average, machine, run_worker  # noqa: E402
 
 MODES = {"torch_eager": "PyTorch eager (transformers generate)", "onnxruntime": "onnxruntime (exported graph)"}
 

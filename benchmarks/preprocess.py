@@ -26,7 +26,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
 
 BAICHUAN2_TOKENIZER = REPO / "tests" / "fixtures" / "tokenizers" / "baichuan2"
 BAICHUAN_CONFIG = REPO / "tests" / "fixtures" / "baichuan_ref" / "baichuan2_7b_h4" / "config.json"
@@ -35,7 +34,7 @@ FIREFLY_RECORDS = 1_100_000
 
 def build_workdir(workdir: Path, records: int, tokenizer: str) -> str:
     """The data file and a model folder holding the tokenizer; returns the template name."""
-    from sft_throughput import firefly_records
+    from benchmarks.common import firefly_records
 
     model = workdir / "model"
     if not (workdir / "train.jsonl").is_file():

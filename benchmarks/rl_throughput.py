@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import sys
 import tempfile
@@ -55,7 +54,7 @@ sys.path.insert(0, str(REPO))
 
 from transformers import TrainerCallback  # noqa: E402
 
-from benchmarks.sft_throughput import interleaved_runs, load_average, machine, median_rows  # noqa: E402
+from benchmarks.common import interleaved_runs, load_average, machine, median_rows, peak_rss_mib  # noqa: E402
 
 MODES = {"ours": "ours: train_rlhf.py (grpo)", "trl_default": "TRL GRPOTrainer"}
 LORA = {"lora_rank": 16, "lora_alpha": 32, "lora_dropout": 0.0}
@@ -212,16 +211,6 @@ def run_trl(workdir: Path, options: argparse.Namespace, clock) -> tuple:
     )
     trainer.train()
     return trainer.state.global_step, trainer.state.log_history, "rewards/rm_merged/mean"
-
-
-def peak_rss_mib() -> float:
-    """This process's own peak RSS: VmHWM, not ru_maxrss, which keeps the launching process's peak across exec."""
-    status = Path("/proc/self/status")
-    if status.is_file():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def run_mode(mode: str, workdir: Path, options: argparse.Namespace) -> dict:

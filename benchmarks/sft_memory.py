@@ -35,11 +35,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
 
-from sft_throughput import (  # noqa: E402
+from benchmarks.common import (  # noqa: E402
     MODEL_CONFIG,
     CountingCollator,
+    current_rss_kib,
     firefly_records,
     load_average,
     machine,
@@ -166,14 +166,6 @@ def trl_trainer(workdir: Path, vocab: int, options: argparse.Namespace):
         peft_config=peft_config,
     )
     return trainer, f"trl {trl.__version__}, padded"
-
-
-def current_rss_kib() -> int:
-    """Resident set size now (ru_maxrss would include the parent's peak: Linux keeps it across fork + exec)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
 
 
 def run_mode(mode: str, vocab: int, workdir: Path, options: argparse.Namespace) -> dict:

@@ -25,21 +25,25 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import platform
-import random
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from benchmarks.common import (  # noqa: E402
+    MODEL_CONFIG,
+    CountingCollator,
+    firefly_records,
+    interleaved_runs,
+    load_average,
+    machine,
+)
 
 MODES = {
     "ours_default": "ours: default (packing: null)",
@@ -56,65 +60,9 @@ OUR_KEYS = {
     "ours_grouped": {"group_by_length": True},
     "ours_packing": {"packing": True},
 }
-MODEL_CONFIG = {
-    "model_type": "llama",
-    "hidden_size": 256,
-    "intermediate_size": 688,
-    "num_hidden_layers": 4,
-    "num_attention_heads": 8,
-    "num_key_value_heads": 8,
-    "max_position_embeddings": 2048,
-    "rms_norm_eps": 1e-6,
-    "tie_word_embeddings": False,
-    "initializer_range": 0.02,
-}
-KINDS = ["Summary", "Translation", "ClassicalChinese", "Poetry", "Couplet", "MRC", "NER", "Cot", "StoryGeneration"]
-# Common characters and punctuation: 3 UTF-8 bytes (3 tokens) each, like real Chinese instruction data.
-HANZI = (
-    "的一是在不了有和人这中大为上个国我以要他时来用们生到作地于出就分对成会可主发年动同工也能下过子说产种面而方后"
-    "多定行学法所民得经十三之进着等部度家电力里如水化高自二理起小物现实加量都两体制机当使点从业本去把性好应开它合还"
-    "因由其些然前外天政四日那社义事平形相全表间样与关各重新线内数正心反你明看原又么利比或但质气第向道命此变条只没结"
-    "，。、：；？！"
-)
-ASCII_WORDS = ["the", "data", "model", "answer", "2023", "AI", "GPU", "OK", "Python", "list", "value", "step"]
-TEMPLATE_OVERHEAD = 24  # <s>Human: ...\n\nAssistant: ...</s> in byte tokens
 
 
 # --- data and model ------------------------------------------------------------------------------------------
-def text_of_tokens(rng: random.Random, tokens: int) -> str:
-    """Mostly Chinese with some ASCII, about `tokens` UTF-8 bytes long."""
-    pieces, size = [], 0
-    while size < tokens:
-        if rng.random() < 0.08:
-            piece = " " + rng.choice(ASCII_WORDS) + " "
-        elif rng.random() < 0.02:
-            piece = "\n"
-        else:
-            piece = rng.choice(HANZI)
-        pieces.append(piece)
-        size += len(piece.encode("utf-8"))
-    return "".join(pieces)
-
-
-def firefly_records(count: int, seed: int = 0, median: int = 300, sigma: float = 0.65, longest: int = 1900) -> list:
-    """Firefly-layout records whose tokenized lengths are log-normal (median ~300), the longest ~`longest`."""
-    rng = random.Random(seed)
-    lengths = [min(longest, max(40, int(math.exp(rng.gauss(math.log(median), sigma))))) for _ in range(count)]
-    lengths[rng.randrange(count)] = longest  # the long tail, whatever the seed drew
-    records = []
-    for total in lengths:
-        body = total - TEMPLATE_OVERHEAD
-        prompt = max(6, int(body * rng.uniform(0.15, 0.45)))
-        records.append(
-            {
-                "kind": rng.choice(KINDS),
-                "input": text_of_tokens(rng, prompt),
-                "target": text_of_tokens(rng, max(3, body - prompt)),
-            }
-        )
-    return records
-
-
 def build_workdir(workdir: Path, records: int, held_out: int) -> None:
     from component.demo_assets import build_tiny_model, build_tokenizer
 
@@ -162,20 +110,6 @@ def load_data(workdir: Path, options: argparse.Namespace, **ours):
 
 
 # --- one mode, in its own process ------------------------------------------------------------------------------
-class CountingCollator:
-    """Wraps a collator: positions the model runs on and label tokens it trains on (labels[..., 1:])."""
-
-    def __init__(self, collator) -> None:
-        self.collator, self.positions, self.label_tokens, self.batches = collator, 0, 0, 0
-
-    def __call__(self, features):
-        batch = self.collator(features)
-        self.positions += batch["input_ids"].numel()
-        self.label_tokens += int((batch["labels"][..., 1:] != -100).sum())
-        self.batches += 1
-        return batch
-
-
 def heldout_loss(model, dataset, pad_token_id: int) -> float:
     import torch
 
@@ -354,24 +288,6 @@ def attention_study(workdir: Path, options: argparse.Namespace) -> str:
 
 
 # --- the parent: prepare, run every mode interleaved, print the table ------------------------------------------
-def machine() -> str:
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if "model name" in line
-        ),
-        platform.processor(),
-    )
-    import torch
-    import transformers
-
-    return (
-        f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-        f"transformers {transformers.__version__}, Python {platform.python_version()}"
-    )
-
-
 def median_row(runs: list[dict]) -> dict:
     row = dict(runs[0])
     keys = ("label_tokens_per_s", "wall_s", "cpu_s", "label_tokens_per_cpu_s", "peak_rss_mib", "train_rss_growth_mib")
@@ -397,41 +313,6 @@ def table(rows: list[dict]) -> str:
             f"{r['note']} |"
         )
     return "\n".join(lines)
-
-
-def run_worker(command: list[str], what: str) -> dict:
-    """One benchmark run in its own process (so peak memory is per run): the dict of its RESULT line."""
-    done = subprocess.run(command, capture_output=True, text=True)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    if done.returncode != 0 or not lines:
-        raise SystemExit(f"{what} failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}")
-    return json.loads(lines[-1][len("RESULT ") :])
-
-
-def load_average() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
-
-
-def interleaved_runs(
-    modes: list[str], repeats: int, command_of: Callable[[str], list[str]], describe: Callable[[dict], str]
-) -> dict[str, list[dict]]:
-    """Each mode `repeats` times, each run in its own process (`run_worker`), the order rotated every round so no
-    mode always runs first on a machine whose load drifts; one progress line per run."""
-    runs: dict[str, list[dict]] = {m: [] for m in modes}
-    for repeat in range(repeats):
-        for mode in modes[repeat % len(modes) :] + modes[: repeat % len(modes)]:
-            run = run_worker(command_of(mode), mode)
-            runs[mode].append(run)
-            print(f"  [{repeat + 1}/{repeats}] {mode}: {describe(run)} (load {load_average()})", flush=True)
-    return runs
-
-
-def median_rows(runs: dict[str, list[dict]], keys: tuple[str, ...]) -> list[dict]:
-    """One row per mode: its first run with `keys` replaced by their medians over the runs."""
-    return [
-        {**mode_runs[0], **{key: statistics.median(r[key] for r in mode_runs) for key in keys}}
-        for mode_runs in runs.values()
-    ]
 
 
 def main(argv: list[str]) -> None:
