@@ -30,6 +30,7 @@ from component.data.pairwise import prepare_pair_data, show_pair
 from component.model.loader import load_model
 from component.train.batching import packing_row_tokens, use_packing
 from component.train.dpo import DPOTrainer
+from component.train.lm_head import ChunkSize
 from component.train.recipe import finish_training, record_data, resolve_resume, start_recipe
 from component.train.reference import choose_reference
 
@@ -67,7 +68,7 @@ def main(argv: list[str], callbacks: list | None = None) -> DPOTrainer | None:
         simpo_gamma=args.simpo_gamma,
         sft_weight=args.sft_weight,
         reference=reference,
-        chunk=args.logits_chunk_size,
+        chunk=ChunkSize(args.logits_chunk_size, args.logits_chunk_mib),
     )
     result = trainer.train(resume_from_checkpoint=resolve_resume(training_args))
     finish_training(trainer, result, PLOT_KEYS, lock=lock)

@@ -30,6 +30,7 @@ from component.config.training import TRAIN_ARGS_FLAG, recipe_fields
 from component.data.prompts import prepare_prompt_data, write_prompts_jsonl
 from component.inference.scoring import load_reward_scorer
 from component.model.loader import load_model
+from component.train.lm_head import ChunkSize
 from component.train.recipe import finish_training, record_data, resolve_resume, start_recipe
 from component.train.reference import REFERENCE_ADAPTER
 from component.train.rlhf import RLTrainer, load_reward_function
@@ -103,7 +104,7 @@ def main(argv: list[str], callbacks: list | None = None) -> RLTrainer | None:
         truncated_completion_penalty=args.truncated_completion_penalty,
         reference=reference,
         sample_log_steps=args.sample_log_steps,
-        chunk=args.logits_chunk_size,
+        chunk=ChunkSize(args.logits_chunk_size, args.logits_chunk_mib),
     )
     result = trainer.train(resume_from_checkpoint=resolve_resume(training_args))
     finish_training(trainer, result, PLOT_KEYS, lock=lock)

@@ -62,6 +62,7 @@ def main(argv: list[str], callbacks: list | None = None) -> Trainer | None:
         callbacks=callbacks,
         logits_path=args.logits_path,
         logits_chunk_size=args.logits_chunk_size,
+        logits_chunk_mib=args.logits_chunk_mib,
     )
     result = trainer.train(resume_from_checkpoint=resolve_resume(training_args))
     finish_training(trainer, result, lock=lock)

@@ -133,7 +133,14 @@ class FinetuneArguments:
         ),
     )
     logits_chunk_size: int = field(
-        default=1024, metadata={"help": "Label positions per LM-head chunk (logits_path: chunked)."}
+        default=1024, metadata={"help": "At most this many label positions per LM-head chunk (logits_path: chunked)."}
+    )
+    logits_chunk_mib: float | None = field(
+        default=128,
+        metadata={
+            "help": "At most this many MiB of fp32 logits per LM-head chunk (rows x vocabulary x 4 bytes), so the "
+            "head's memory does not grow with the vocabulary; null: logits_chunk_size rows whatever the vocabulary."
+        },
     )
 
     def __post_init__(self) -> None:
@@ -568,6 +575,8 @@ def check_logits_path(args: FinetuneArguments, training_args: TrainingArguments,
     """The chunked LM head computes the plain causal-LM loss; what replaces that loss needs the model's path."""
     if args.logits_chunk_size < 1:
         raise ConfigError(f"{source}: 'logits_chunk_size' must be positive, got {args.logits_chunk_size}")
+    if args.logits_chunk_mib is not None and not args.logits_chunk_mib > 0:
+        raise ConfigError(f"{source}: 'logits_chunk_mib' must be positive or null, got {args.logits_chunk_mib}")
     if args.logits_path != "chunked":
         return
     for key, value in (

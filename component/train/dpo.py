@@ -26,6 +26,7 @@ from component.config.choices import REFERENCE_FREE_LOSSES
 from component.train.guards import ReliableTrainerMixin
 from component.train.lm_head import (
     DEFAULT_CHUNK_SIZE,
+    ChunkSize,
     OutputHead,
     decoder_hidden_states,
     label_positions,
@@ -60,7 +61,7 @@ def as_reference(model: nn.Module, reference: str | nn.Module) -> Iterator[nn.Mo
 
 
 def sequence_logps(
-    model: nn.Module, batch: dict[str, torch.Tensor], chunk: int = DEFAULT_CHUNK_SIZE
+    model: nn.Module, batch: dict[str, torch.Tensor], chunk: int | ChunkSize = DEFAULT_CHUNK_SIZE
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of label-token log-probs, label-token count) per sequence of a PairCollator batch.
 
@@ -150,7 +151,7 @@ class DPOTrainer(ReliableTrainerMixin, Trainer):
         simpo_gamma: float = 0.5,
         sft_weight: float = 0.0,
         reference: str | nn.Module = "adapter_off",
-        chunk: int = DEFAULT_CHUNK_SIZE,
+        chunk: int | ChunkSize = DEFAULT_CHUNK_SIZE,
         **kwargs,
     ) -> None:
         kwargs.setdefault("compute_metrics", self._eval_metrics)
@@ -220,7 +221,9 @@ class DPOTrainer(ReliableTrainerMixin, Trainer):
 
 
 @torch.no_grad()
-def precompute_reference_logps(model: nn.Module, dataset, collator, batch_size: int, chunk: int) -> list[float]:
+def precompute_reference_logps(
+    model: nn.Module, dataset, collator, batch_size: int, chunk: int | ChunkSize
+) -> list[float]:
     """Reference log-prob sums of every pair, [chosen, rejected] per row, with the model as it is now."""
     was_training = model.training
     model.eval()

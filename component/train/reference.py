@@ -24,6 +24,7 @@ from component.config.training import DPOArguments
 from component.data.pipeline import PreparedData
 from component.model.loader import load_pretrained
 from component.train.dpo import precompute_reference_logps
+from component.train.lm_head import ChunkSize
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +84,9 @@ def add_reference_columns(
                 values = json.loads(path.read_text(encoding="utf-8"))
             else:
                 logger.info("Reference log-probs of %d %s pairs (once; saved to %s)", len(dataset), split, path)
-                values = precompute_reference_logps(model, dataset, collator, batch_size, args.logits_chunk_size)
+                values = precompute_reference_logps(
+                    model, dataset, collator, batch_size, ChunkSize(args.logits_chunk_size, args.logits_chunk_mib)
+                )
                 if training_args.process_index == 0:
                     path.parent.mkdir(parents=True, exist_ok=True)
                     path.write_text(json.dumps(values), encoding="utf-8")

@@ -35,6 +35,7 @@ from component.train.dpo import as_reference, unwrap
 from component.train.guards import ReliableTrainerMixin
 from component.train.lm_head import (
     DEFAULT_CHUNK_SIZE,
+    ChunkSize,
     OutputHead,
     decoder_hidden_states,
     token_entropies,
@@ -95,7 +96,7 @@ class CompletionStats(NamedTuple):
 def completion_logps(
     model: nn.Module,
     batch: dict[str, torch.Tensor],
-    chunk: int = DEFAULT_CHUNK_SIZE,
+    chunk: int | ChunkSize = DEFAULT_CHUNK_SIZE,
     entropy: bool = False,
     value_head: nn.Module | None = None,
     temperature: float = 1.0,
@@ -149,7 +150,7 @@ class RLTrainer(ReliableTrainerMixin, Trainer):
         truncated_completion_penalty: float = 0.0,
         reference: str | nn.Module = "adapter_off",
         sample_log_steps: int = 10,
-        chunk: int = DEFAULT_CHUNK_SIZE,
+        chunk: int | ChunkSize = DEFAULT_CHUNK_SIZE,
         **kwargs,
     ) -> None:
         kwargs.setdefault("data_collator", list)

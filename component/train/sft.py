@@ -9,7 +9,14 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 
 from component.config.choices import LOGITS_PATHS
 from component.train.guards import ReliableTrainerMixin
-from component.train.lm_head import DEFAULT_CHUNK_SIZE, OutputHead, causal_lm_loss, decoder_hidden_states
+from component.train.lm_head import (
+    DEFAULT_CHUNK_MIB,
+    DEFAULT_CHUNK_SIZE,
+    ChunkSize,
+    OutputHead,
+    causal_lm_loss,
+    decoder_hidden_states,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -22,12 +29,16 @@ class SFTTrainer(ReliableTrainerMixin, Trainer):
     """
 
     def __init__(
-        self, *args, logits_path: str = "chunked", logits_chunk_size: int = DEFAULT_CHUNK_SIZE, **kwargs
+        self,
+        *args,
+        logits_path: str = "chunked",
+        logits_chunk_size: int = DEFAULT_CHUNK_SIZE,
+        logits_chunk_mib: float | None = DEFAULT_CHUNK_MIB,
+        **kwargs,
     ) -> None:
         if logits_path not in LOGITS_PATHS:
             raise ValueError(f"logits_path {logits_path!r} is not one of {', '.join(LOGITS_PATHS)}")
-        if logits_chunk_size < 1:
-            raise ValueError(f"logits_chunk_size must be positive, got {logits_chunk_size}")
+        ChunkSize(logits_chunk_size, logits_chunk_mib)  # checks both
         super().__init__(*args, **kwargs)
         if logits_path == "chunked" and (self.is_fsdp_enabled or is_deepspeed_zero3_enabled()):
             # Sharded engines gather the head's weight only inside the model's forward; the head called after it
@@ -35,7 +46,7 @@ class SFTTrainer(ReliableTrainerMixin, Trainer):
             logger.warning('logits_path: "chunked" runs as "model" under FSDP / ZeRO-3 (the output head is sharded)')
             logits_path = "model"
         self.logits_path = logits_path
-        self.logits_chunk_size = logits_chunk_size
+        self.logits_chunk_size, self.logits_chunk_mib = logits_chunk_size, logits_chunk_mib
         if logits_path == "chunked":
             OutputHead.of(self.model)  # an unsupported head fails now, not at the first step
             if self.label_smoother is not None or self.compute_loss_func is not None:
@@ -55,9 +66,8 @@ class SFTTrainer(ReliableTrainerMixin, Trainer):
         hidden_states = decoder_hidden_states(model, inputs)
         # accelerate autocasts the model's forward only; the head then runs in the same precision as it did there.
         with self.accelerator.autocast():
-            loss = causal_lm_loss(
-                hidden_states, labels, OutputHead.of(model), num_items_in_batch, self.logits_chunk_size, shift_labels
-            )
+            chunk = ChunkSize(self.logits_chunk_size, self.logits_chunk_mib)
+            loss = causal_lm_loss(hidden_states, labels, OutputHead.of(model), num_items_in_batch, chunk, shift_labels)
         # The Trainer's own rescaling under DDP (`average_tokens_across_devices`), as in Trainer.compute_loss.
         if (
             self.args.average_tokens_across_devices
