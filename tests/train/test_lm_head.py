@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from component.data.collators import PackingCollator, PaddingCollator
 from component.data.template import IGNORE_INDEX
 from component.train.lm_head import (
+    ChunkSize,
     OutputHead,
     causal_lm_loss,
     decoder_hidden_states,
@@ -303,3 +305,134 @@ def test_keys_are_checked(tmp_path, tiny_llama_dir):
     with pytest.raises(ConfigError, match="'label_smoothing_factor'.*set 'logits_path' to \"model\""):
         build_arguments({**base, "label_smoothing_factor": 0.1})
     build_arguments({**base, "label_smoothing_factor": 0.1, "logits_path": "model"})
+
+
+# --- chunks sized by a memory budget ------------------------------------------------------------------------------
+def budget_of(rows: float) -> float:
+    """The `mib` of `rows` rows of fp32 logits over VOCAB."""
+    return rows * VOCAB * 4 / 2**20
+
+
+def test_chunk_rows_follow_the_budget():
+    assert ChunkSize(1024, 128).rows_for(125_696) == 266  # 128 MiB / (125,696 x 4 bytes)
+    assert ChunkSize(1024, 128).rows_for(151_936) == 220
+    assert ChunkSize(1024, 128).rows_for(32_000) == 1024  # 1,048 rows fit: the row cap holds
+    assert ChunkSize(1024, None).rows_for(151_936) == 1024
+    assert ChunkSize(1024, 1e-9).rows_for(300) == 1  # less than one row: one row
+    assert OutputHead(nn.Linear(8, 300)).rows(ChunkSize(1024, budget_of(3.5))) == 3
+    assert OutputHead(nn.Linear(8, 300)).rows(7) == 7  # an int: rows, within the default MiB
+    with pytest.raises(ValueError, match="logits_chunk_mib"):
+        ChunkSize(1024, 0)
+
+
+@pytest.mark.parametrize("per_chunk", [1, 3.5])  # a budget below one row of logits; one of 3 rows and a half
+@pytest.mark.parametrize("batching", list(BATCHES))
+@pytest.mark.parametrize("name", list(MODELS))
+def test_budget_chunks_give_the_models_loss_and_gradients(name, batching, per_chunk):
+    """Chunks cut by the MiB budget, down to one row, against the model's path; the head sees no more rows."""
+    torch.manual_seed(0)
+    model = with_lora(MODELS[name]())
+    batch = BATCHES[batching](rows())
+    chunk = ChunkSize(1024, budget_of(per_chunk) if per_chunk > 1 else 1e-9)
+    seen: list[int] = []
+    handle = model.get_output_embeddings().register_forward_hook(
+        lambda _m, args, _out: seen.append(args[0].shape[:-1].numel())
+    )
+    try:
+        got = chunked_path(model, batch, label_count(batch), chunk)
+    finally:
+        handle.remove()
+    assert seen[0] == 0 and max(seen) == int(per_chunk) and sum(seen) == int(label_count(batch))
+    assert_same(got, model_path(model, batch, label_count(batch)))
+
+
+class SavesItsOutput(nn.Module):
+    """A head whose backward reads its own output (sigmoid): the in-place gradient must not overwrite it."""
+
+    def __init__(self, hidden: int, vocab: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(hidden, vocab, bias=False)
+        self.out_features = vocab
+
+    def forward(self, hidden):
+        return torch.sigmoid(self.linear(hidden))  # autograd keeps this very tensor for its backward
+
+
+HEADS = {
+    "linear": lambda: OutputHead(nn.Linear(16, 50, bias=False)),
+    "scale + softcap + z-loss": lambda: OutputHead(
+        nn.Linear(16, 50, bias=False), scale=0.5, softcap=2.0, z_loss_weight=0.01
+    ),
+    "temperature": lambda: OutputHead(nn.Linear(16, 50, bias=False), temperature=0.7),
+    "backward reads the output": lambda: OutputHead(SavesItsOutput(16, 50)),
+}
+
+
+@pytest.mark.parametrize("name", list(HEADS))
+def test_in_place_gradients_equal_autograd_through_full_logits(name):
+    """Loss and log-probs (and their gradients for the hidden states and the head) against autograd on full
+    logits, chunks of 1 and 4 rows (a ragged last one)."""
+    torch.manual_seed(0)
+    head = HEADS[name]()
+    hidden = torch.randn(23, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (23,))
+    weights = torch.rand(23)
+    parameters = [hidden, *head.module.parameters()]
+
+    def full() -> tuple[torch.Tensor, torch.Tensor]:
+        logits = head.logits(hidden)
+        loss = F.cross_entropy(logits, targets, reduction="sum") / 23
+        loss = loss + head.z_loss_weight * logits.max(-1).values.pow(2).sum() / 23
+        return loss, torch.log_softmax(logits, -1).gather(-1, targets[:, None]).squeeze(-1)
+
+    loss, logprobs = full()
+    expected = [loss.detach(), *torch.autograd.grad(loss, parameters, retain_graph=True)]
+    expected_logprobs = [logprobs.detach(), *torch.autograd.grad((logprobs * weights).sum(), parameters)]
+    labels = F.pad(targets, (1, 0), value=IGNORE_INDEX)[None]  # position t predicts labels[t + 1]
+    for rows in (1, 4):
+        chunk = ChunkSize(rows, None)
+        loss = causal_lm_loss(F.pad(hidden, (0, 0, 0, 1))[None], labels, head, None, chunk)
+        for a, b in zip([loss.detach(), *torch.autograd.grad(loss, parameters)], expected):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+        logprobs = token_logprobs(hidden, targets, head, chunk)
+        got = [logprobs.detach(), *torch.autograd.grad((logprobs * weights).sum(), parameters)]
+        for a, b in zip(got, expected_logprobs):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_log_prob_backward_replays_the_heads_dropout():
+    """LoRA with dropout on the head: the backward's recomputed chunks draw the forward's dropout masks."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    config = LoraConfig(r=4, target_modules=["lm_head"], lora_dropout=0.5, init_lora_weights=False)
+    model = get_peft_model(llama(tied=False), config).train()
+    head = OutputHead.of(model)
+    hidden = torch.randn(11, 32, requires_grad=True)
+    targets = torch.randint(0, VOCAB, (11,))
+    parameters = [hidden] + [p for p in head.module.parameters() if p.requires_grad]
+
+    torch.manual_seed(1)  # the oracle: the same chunks in the same order, through plain autograd
+    logprobs = torch.cat([torch.log_softmax(head.logits(hidden[s : s + 4]), -1) for s in range(0, 11, 4)])
+    logprobs = logprobs.gather(-1, targets[:, None]).squeeze(-1)
+    expected = [logprobs.detach(), *torch.autograd.grad(logprobs.sum(), parameters)]
+    torch.manual_seed(1)
+    logprobs = token_logprobs(hidden, targets, head, ChunkSize(4, None))
+    torch.rand(1)  # the random state moves on before backward, as a training step's would
+    got = [logprobs.detach(), *torch.autograd.grad(logprobs.sum(), parameters)]
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b)
+
+
+def test_logits_chunk_mib_is_checked(tmp_path, tiny_llama_dir):
+    from component.config.parser import ConfigError
+    from component.config.training import build_arguments
+
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"kind": "k", "input": "q", "target": "a"}\n', encoding="utf-8")
+    base = {"model_name_or_path": str(tiny_llama_dir), "train_file": str(data), "output_dir": str(tmp_path / "o")}
+    assert build_arguments(base)[0].logits_chunk_mib == 128
+    assert build_arguments({**base, "logits_chunk_mib": None})[0].logits_chunk_mib is None
+    assert build_arguments({**base, "logits_chunk_mib": 32.5})[0].logits_chunk_mib == 32.5
+    with pytest.raises(ConfigError, match="'logits_chunk_mib' must be positive or null"):
+        build_arguments({**base, "logits_chunk_mib": 0})
