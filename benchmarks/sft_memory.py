@@ -11,7 +11,7 @@ vocabulary is `--vocab` (the tokenizer's 262 ids are its first rows; the rest ar
 logit row is computed, as with a real large vocabulary). `--train-file` trains on a Firefly-layout JSONL of
 yours instead of the synthetic records. Modes:
 
-- ours_default: train_sft.py's defaults (packing: null, `logits_path: "chunked"`, `logits_chunk_mib: 128`);
+- ours_default: train_sft.py's defaults (packing: null, `logits_path: "chunked"`, `logits_chunk_mib: 256`);
 - ours_rows: the same with `logits_chunk_mib: null` (1,024 label positions per head chunk at every vocabulary);
 - ours_model: the same with `logits_path: "model"` (the model's own forward + loss: today's path before
   train.lm_head);
@@ -54,7 +54,7 @@ from benchmarks.common import (  # noqa: E402
 )
 
 MODES = {
-    "ours_default": 'ours: default (logits_path: "chunked", logits_chunk_mib: 128)',
+    "ours_default": 'ours: default (logits_path: "chunked", logits_chunk_mib: 256)',
     "ours_rows": "ours: logits_chunk_mib: null (1,024 rows per chunk)",
     "ours_model": 'ours: logits_path: "model"',
     "trl_default": "TRL SFTTrainer: defaults, LoRA",

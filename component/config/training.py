@@ -136,7 +136,7 @@ class FinetuneArguments:
         default=1024, metadata={"help": "At most this many label positions per LM-head chunk (logits_path: chunked)."}
     )
     logits_chunk_mib: float | None = field(
-        default=128,
+        default=256,
         metadata={
             "help": "At most this many MiB of fp32 logits per LM-head chunk (rows x vocabulary x 4 bytes), so the "
             "head's memory does not grow with the vocabulary; null: logits_chunk_size rows whatever the vocabulary."

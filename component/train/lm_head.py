@@ -42,7 +42,7 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 
 IGNORE_INDEX = -100
 DEFAULT_CHUNK_SIZE = 1024
-DEFAULT_CHUNK_MIB = 128.0
+DEFAULT_CHUNK_MIB = 256.0
 
 
 @dataclass(frozen=True)

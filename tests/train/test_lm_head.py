@@ -314,9 +314,11 @@ def budget_of(rows: float) -> float:
 
 
 def test_chunk_rows_follow_the_budget():
-    assert ChunkSize(1024, 128).rows_for(125_696) == 266  # 128 MiB / (125,696 x 4 bytes)
+    assert ChunkSize() == ChunkSize(1024, 256)
+    assert ChunkSize().rows_for(125_696) == 533  # 256 MiB / (125,696 x 4 bytes)
+    assert ChunkSize().rows_for(151_936) == 441
+    assert ChunkSize().rows_for(64_000) == 1024  # 1,048 rows fit: the row cap holds
     assert ChunkSize(1024, 128).rows_for(151_936) == 220
-    assert ChunkSize(1024, 128).rows_for(32_000) == 1024  # 1,048 rows fit: the row cap holds
     assert ChunkSize(1024, None).rows_for(151_936) == 1024
     assert ChunkSize(1024, 1e-9).rows_for(300) == 1  # less than one row: one row
     assert OutputHead(nn.Linear(8, 300)).rows(ChunkSize(1024, budget_of(3.5))) == 3
@@ -431,7 +433,7 @@ def test_logits_chunk_mib_is_checked(tmp_path, tiny_llama_dir):
     data = tmp_path / "train.jsonl"
     data.write_text('{"kind": "k", "input": "q", "target": "a"}\n', encoding="utf-8")
     base = {"model_name_or_path": str(tiny_llama_dir), "train_file": str(data), "output_dir": str(tmp_path / "o")}
-    assert build_arguments(base)[0].logits_chunk_mib == 128
+    assert build_arguments(base)[0].logits_chunk_mib == 256
     assert build_arguments({**base, "logits_chunk_mib": None})[0].logits_chunk_mib is None
     assert build_arguments({**base, "logits_chunk_mib": 32.5})[0].logits_chunk_mib == 32.5
     with pytest.raises(ConfigError, match="'logits_chunk_mib' must be positive or null"):
