@@ -256,19 +256,31 @@ def _logprob_chunks(
     return torch.cat(logprobs), torch.cat(log_sum_exps)
 
 
-def _rng_state(device: torch.device) -> tuple:
-    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+def _forward_state(device: torch.device) -> dict:
+    """What a recompute must see again: the random state (a dropout in the head) and autocast."""
+    kind = device.type
+    return {
+        "device": device,
+        "rng": (torch.get_rng_state(), torch.cuda.get_rng_state(device) if kind == "cuda" else None),
+        "autocast": {
+            "device_type": kind,
+            "dtype": torch.get_autocast_dtype(kind),
+            "enabled": torch.is_autocast_enabled(kind),
+        },
+    }
 
 
 @contextmanager
-def _replayed_rng(state: tuple, device: torch.device) -> Iterator[None]:
-    """The random state of the forward again (a dropout in the head draws the same masks), restored after."""
-    cpu, accelerator = state
-    with torch.random.fork_rng(devices=[device] if accelerator is not None else []):
+def _replayed(state: dict) -> Iterator[None]:
+    """The forward's random state (the head's dropout draws the same masks) and autocast again; the random
+    state outside is restored after."""
+    cpu, accelerator = state["rng"]
+    with torch.random.fork_rng(devices=[state["device"]] if accelerator is not None else []):
         torch.set_rng_state(cpu)
         if accelerator is not None:
-            torch.cuda.set_rng_state(accelerator, device)
-        yield
+            torch.cuda.set_rng_state(accelerator, state["device"])
+        with torch.autocast(**state["autocast"]):
+            yield
 
 
 class _ChunkedLogprobs(torch.autograd.Function):
@@ -277,7 +289,7 @@ class _ChunkedLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, targets, head, rows, *params):
-        ctx.rng = _rng_state(hidden.device)
+        ctx.state = _forward_state(hidden.device)
         logprobs, log_sum_exp = _logprob_chunks(head, hidden, targets, rows)
         ctx.save_for_backward(hidden, targets, log_sum_exp)
         ctx.head, ctx.rows, ctx.params = head, rows, params
@@ -291,7 +303,7 @@ class _ChunkedLogprobs(torch.autograd.Function):
         grad_hidden = torch.zeros_like(hidden) if hidden_grad else None
         grad_params: list[torch.Tensor | None] = [None] * len(params)
         rows = ctx.rows
-        with _replayed_rng(ctx.rng, hidden.device):
+        with _replayed(ctx.state):
             for start in _starts(len(targets), rows):
                 piece = hidden[start : start + rows].detach().requires_grad_(hidden_grad)
                 with torch.enable_grad():

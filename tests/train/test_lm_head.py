@@ -426,6 +426,24 @@ def test_log_prob_backward_replays_the_heads_dropout():
         torch.testing.assert_close(a, b)
 
 
+def test_log_prob_backward_replays_autocast():
+    """Under bf16 autocast the recomputed chunks are bf16 matmuls again, as in the forward (the oracle: the same
+    chunks through plain autograd under autocast)."""
+    torch.manual_seed(0)
+    head = OutputHead(nn.Linear(16, 50, bias=False).requires_grad_(False))  # frozen, as under LoRA
+    hidden = torch.randn(23, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (23,))
+    parameters = [hidden]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logprobs = torch.cat([torch.log_softmax(head.logits(hidden[s : s + 4]), -1) for s in range(0, 23, 4)])
+        logprobs = logprobs.gather(-1, targets[:, None]).squeeze(-1)
+        expected = [logprobs.detach(), *torch.autograd.grad(logprobs.sum(), parameters)]
+        logprobs = token_logprobs(hidden, targets, head, ChunkSize(4, None))
+    got = [logprobs.detach(), *torch.autograd.grad(logprobs.sum(), parameters)]  # backward outside autocast
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b)
+
+
 def test_logits_chunk_mib_is_checked(tmp_path, tiny_llama_dir):
     from component.config.parser import ConfigError
     from component.config.training import build_arguments
