@@ -37,7 +37,8 @@ def repository_files(repo: Path) -> list[str]:
 def missing_paths(doc: Path, repo: Path, files: list[str]) -> list[str]:
     """`doc:line: path` for each repository path the document names that does not exist."""
     folders = sorted({name.split("/")[0] for name in files if "/" in name})
-    in_repo = re.compile(r"(?<![\w/.~-])((?:%s)/[\w./*{},<>\[-]*)" % "|".join(map(re.escape, folders)))
+    alternatives = "|".join(map(re.escape, folders))
+    in_repo = re.compile(r"(?<![\w/.~-])((?:" + alternatives + r")/[\w./*{},<>\[-]*)")
     names = {Path(name).name for name in files}
     missing = []
     for number, line in enumerate(doc.read_text(encoding="utf-8").splitlines(), 1):
