@@ -1,5 +1,8 @@
 """Merge: fold a LoRA adapter into 16-bit base weights and save a folder plain transformers loads.
 
+A Baichuan folder also gets our standalone model files and an `auto_map` naming them (write_standalone_code), so
+transformers 5 with trust_remote_code=True loads it without this project.
+
 Front end: merge_lora.py. A reward-model adapter (task_type SEQ_CLS) merges into a sequence-classification
 model; its trained score head (peft modules_to_save) replaces the base's.
 """
@@ -13,6 +16,7 @@ import torch
 
 from component.config.choices import MERGE_DTYPES
 from component.config.parser import ConfigError, closest
+from component.model.baichuan import is_baichuan_config, write_standalone_code
 from component.model.loader import (
     adapter_base,
     load_adapter,
@@ -40,6 +44,8 @@ def merge_adapter(
     tokenizer.save_pretrained(output)
     if (Path(adapter) / "train_args.json").is_file():  # keeps the template choice with the weights
         (output / "train_args.json").write_bytes((Path(adapter) / "train_args.json").read_bytes())
+    if is_baichuan_config(output):  # loads without this project too (transformers + trust_remote_code)
+        write_standalone_code(output)
     return output
 
 
