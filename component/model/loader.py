@@ -24,6 +24,7 @@ from transformers import (
     PreTrainedModel,
 )
 
+from component.config.choices import TEMPLATES
 from component.config.parser import ConfigError, closest
 from component.config.training import FinetuneArguments
 from component.model.baichuan import is_baichuan_config, load_baichuan_tokenizer
@@ -88,6 +89,12 @@ def read_train_args(folder: str | Path | None) -> dict[str, Any]:
     """The resolved settings a recipe saved in its output folder (train_args.json), or {}."""
     file = Path(folder or "") / "train_args.json"
     return json.loads(file.read_text(encoding="utf-8")) if folder and file.is_file() else {}
+
+
+def trained_template(folder: str | Path | None) -> str:
+    """The prompt template the weights in `folder` learned (its train_args.json), else human_assistant."""
+    name = read_train_args(folder).get("template")
+    return name if name in TEMPLATES else "human_assistant"
 
 
 def read_adapter_config(folder: str | Path | None) -> dict[str, Any] | None:
