@@ -45,8 +45,8 @@ vLLM environment ready in $VENV ($VLLM_PACKAGE, our plugin: Baichuan / Baichuan2
   server:   $VENV/bin/python -m vllm.entrypoints.openai.api_server --host 127.0.0.1 --port 8000 \\
                 --model output/sft_merged
   adapters: $VENV/bin/python -m vllm.entrypoints.openai.api_server --host 127.0.0.1 --port 8000 \\
-                --model BASE --enable-lora --lora-modules sft=output/sft dpo=output/dpo
+                --model BASE --enable-lora --max-loras 3 --lora-modules sft=output/sft dpo=output/dpo
   checks:   make check-vllm VLLM_VENV=$VENV
-On the CPU, VLLM_CPU_KVCACHE_SPACE=GiB sets the KV-cache size (vLLM's default takes a large part of the memory).
+On the CPU: VLLM_CPU_KVCACHE_SPACE=GiB sets the KV-cache size; --max-loras one more than the adapters.
 docs/export.md#serving explains each.
 USAGE

@@ -51,6 +51,14 @@ def run_worker(jobs: list[dict], workdir: Path, timeout: int = 1800) -> list[dic
     return json.loads(results_file.read_text(encoding="utf-8"))
 
 
+def lora_slots(adapters: int) -> int:
+    """--max-loras for `adapters` served beside the base model. vLLM 0.32's CPU LoRA kernels
+    (vllm/lora/ops/torch_ops) pick each token's adapter by slot index, -1 meaning none, and Python's -1 is the last
+    slot: with every slot taken, requests without an adapter get the last slot's adapter. A spare slot stays
+    empty (zeros), so the base answers as the base (docs/export.md#serving)."""
+    return adapters + 1
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

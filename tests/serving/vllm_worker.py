@@ -31,7 +31,7 @@ def run_job(job: dict) -> dict[str, list[list[int]]]:
         max_num_seqs=16,
         distributed_executor_backend="uni",
         enable_lora=bool(adapters),
-        max_loras=max(1, len(adapters)),
+        max_loras=len(adapters) + 1,  # a spare, empty slot: see lora_slots in tests/serving/vllm_env.py
         max_lora_rank=job.get("max_lora_rank", 8),
     )
     params = SamplingParams(
