@@ -26,7 +26,8 @@ static Prompts generate(llm::Model & model, const Prompts & prompts, int new_tok
     const int n = (int) prompts.size(), length = (int) prompts[0].size();
     llama_batch batch = llama_batch_init(n * length, 0, 1);
     Prompts generated(n);
-    for (int step = 0; step <= new_tokens; ++step) {
+    std::vector<int> last(n);  // each sequence's last token in the batch: where its logits are
+    for (int step = 0; step < new_tokens; ++step) {
         batch.n_tokens = 0;
         for (int s = 0; s < n; ++s) {
             const std::vector<llama_token> feed = step == 0 ? prompts[s] : std::vector<llama_token>{generated[s].back()};
@@ -37,17 +38,15 @@ static Prompts generate(llm::Model & model, const Prompts & prompts, int new_tok
                 batch.n_seq_id[k] = 1;
                 batch.seq_id[k][0] = s;
                 batch.logits[k] = i + 1 == feed.size();
+                last[s] = k;
             }
-        }
-        if (step == new_tokens) {
-            break;  // the last token is chosen; nothing is fed back
         }
         if (llama_decode(model.ctx, batch) != 0) {
             llama_batch_free(batch);
             throw std::runtime_error("llama_decode failed");
         }
         for (int s = 0; s < n; ++s) {
-            generated[s].push_back(model.argmax(s));  // output rows follow the sequences' order in the batch
+            generated[s].push_back(model.argmax(last[s]));
         }
     }
     llama_batch_free(batch);
