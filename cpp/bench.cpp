@@ -54,29 +54,13 @@ static Prompts generate(llm::Model & model, const Prompts & prompts, int new_tok
 }
 
 int main(int argc, char ** argv) {
-    std::string model_path, tokens_arg;
-    int new_tokens = 16, threads = 2;
     try {
-        for (int i = 1; i < argc; ++i) {
-            std::string arg = argv[i];
-            if (i + 1 >= argc) {
-                throw std::invalid_argument(arg + " needs a value");
-            }
-            std::string value = argv[++i];
-            if (arg == "-m") {
-                model_path = value;
-            } else if (arg == "--tokens") {
-                tokens_arg = value;
-            } else if (arg == "--new-tokens") {
-                new_tokens = std::stoi(value);
-            } else if (arg == "-t") {
-                threads = std::stoi(value);
-            } else {
-                throw std::invalid_argument("unknown argument '" + arg + "'");
-            }
-        }
+        auto given = llm::options(argc, argv, {"-m", "--tokens", "--new-tokens", "-t"});
+        std::string model_path = given["-m"];
+        int new_tokens = given.count("--new-tokens") ? std::stoi(given["--new-tokens"]) : 16;
+        int threads = given.count("-t") ? std::stoi(given["-t"]) : 2;
         Prompts prompts;
-        std::stringstream sequences(tokens_arg);
+        std::stringstream sequences(given["--tokens"]);
         for (std::string sequence; std::getline(sequences, sequence, ';');) {
             std::stringstream ids(sequence);
             prompts.emplace_back();
