@@ -19,6 +19,8 @@ DOCS = ["README.md", "docs/*.md", "benchmarks/README.md"]
 # Named in the docs but written by a run or a command, not kept in the repository.
 WRITTEN_BY_A_RUN = {
     "cpp/llm_chat": "cpp/build.sh builds it",
+    "cpp/llm_logits": "cpp/build.sh builds it",
+    "cpp/llm_bench": "cpp/build.sh builds it",
     "benchmarks/wheels": "the wheel folder a GPU-machine user downloads for gpu_check.sh",
     "config/x.json": "an example file name in an error message",
     "data/x.jsonl": "an example file name in an error message",
