@@ -31,6 +31,7 @@ from component.evaluate.results import paired_differences, prediction_of, summar
 logger = logging.getLogger(__name__)
 
 Rows = dict[str, list[dict[str, Any]]]  # task -> one row per question
+KINDS = ("cached", "full_forward")  # how a question ran: on its subject's cached prefix, or a full forward
 
 
 def read_subjects(options: EvaluateOptions) -> tuple[dict[str, list[Subject]], list[Skip]]:
@@ -145,7 +146,7 @@ def _official_rows(scorer, tokenizer, subjects: dict[str, list[Subject]], option
     rows: Rows = {}
     counts: dict[str, dict[str, int]] = {}
     for benchmark, group in subjects.items():
-        rows[benchmark], totals = [], {"cached": 0, "full_forward": 0}
+        rows[benchmark], totals = [], dict.fromkeys(KINDS, 0)
         for subject in group:
             scored, subject_counts = score_subject(
                 scorer, tokenizer, subject, options.num_fewshot, options.limit, max_length, options.prefix_cache
@@ -167,16 +168,12 @@ def _official_rows(scorer, tokenizer, subjects: dict[str, list[Subject]], option
     return rows, counts
 
 
-def _task_counts(counts: dict[str, dict[str, int]], subjects: dict[str, list[Subject]]) -> dict[str, dict[str, int]]:
-    """CachedHFLM's per-lm-eval-task counts summed per benchmark."""
-    totals = {}
-    for benchmark, group in subjects.items():
-        names = {s.task_name for s in group}
-        totals[benchmark] = {
-            kind: sum(c.get(kind, 0) for task, c in counts.items() if task in names)
-            for kind in ("cached", "full_forward")
-        }
-    return totals
+def _task_counts(counts: dict[str, dict[str, int]], members: dict[str, set[str]]) -> dict[str, dict[str, int]]:
+    """CachedHFLM's per-lm-eval-task counts summed per requested task (`members`: its lm-eval task names)."""
+    return {
+        name: {kind: sum(c.get(kind, 0) for task, c in counts.items() if task in names) for kind in KINDS}
+        for name, names in members.items()
+    }
 
 
 def _settings(options: EvaluateOptions, max_length: int) -> dict[str, Any]:
@@ -226,6 +223,8 @@ def run_evaluation(options: EvaluateOptions) -> tuple[dict[str, Any], dict[str, 
     else:
         lm = CachedHFLM(model, tokenizer, options.batch_size, max_length, options.prefix_cache)
         tasks = _lm_eval_tasks(subjects, extra)
+        members = {b: {s.task_name for s in group} for b, group in subjects.items()}
+        members.update({name: set(loaded) for name, loaded in extra.items()})
     for name, switch in model_variants(model):
         started = time.time()
         with switch():
@@ -234,7 +233,7 @@ def run_evaluation(options: EvaluateOptions) -> tuple[dict[str, Any], dict[str, 
             else:
                 samples = _run_lm_eval(lm, tasks, options.num_fewshot, options.limit)
                 rows[name] = _lm_eval_rows(samples, subjects, extra)
-                counts[name] = _task_counts(lm.take_counts(), subjects)
+                counts[name] = _task_counts(lm.take_counts(), members)
         seconds[name] = time.time() - started
         questions = sum(len(r) for r in rows[name].values())
         logger.info("%s: %d questions in %.1f s (%.1f/s)", name, questions, seconds[name], questions / seconds[name])
