@@ -6,15 +6,16 @@ position (the reported log-likelihoods are the log-softmax there, so their argma
 
 - C-Eval (hkust-nlp/ceval code/evaluator_series/evaluators/llama.py, answer-only few-shot):
   "以下是中国关于{科目}考试的单项选择题，请选出其中的正确答案。\\n\\n", examples "{question}\\nA. {A}...\\nD. {D}\\n答案：{answer}\\n\\n",
-  letter tokens `tokenizer.encode("A")[0]`.
+  letter tokens `tokenizer.encode("A", add_special_tokens=False)[0]`.
 - CMMLU (haonan-li/CMMLU src/mp_utils.py + src/hf_causal_model.py):
   "以下是关于{科目}的单项选择题，请直接给出正确答案的选项。\\n\\n", examples "题目：{question}\\nA. {A}...\\n答案是：{answer}\\n\\n",
   letter tokens `tokenizer.convert_tokens_to_ids("A")`; a prompt longer than max_length drops its longest
   examples; the overall score is the mean of the subject accuracies (`acc_macro`).
 - MMLU (hendrycks/test evaluate.py): "The following are multiple choice questions (with answers) about
-  {sub ject}.\\n\\n", examples "{question}\\nA. {A}...\\nAnswer: {answer}\\n\\n"; the original scores the next
-  token " A" (with its space), here the token that " A" becomes after "Answer:"; a prompt longer than max_length
-  drops examples from the end (C-Eval's code has no rule; it is treated the same way).
+  {the subject's words}.\\n\\n", examples "{question}\\nA. {A}...\\nAnswer: {answer}\\n\\n"; the original scores the next
+  token " A" (with its space): here the token " A" becomes after "Answer:" (the letter's own token where a
+  tokenizer has no single " A"); a prompt longer than max_length drops examples from the end (C-Eval's code has
+  no rule; it is treated the same way).
 Questions are not stripped (the authors' code does not strip them; lm-eval does).
 """
 
@@ -64,12 +65,13 @@ def letter_ids(benchmark: str, tokenizer) -> list[int]:
             raise ConfigError(
                 "CMMLU's official scoring needs tokens 'A'..'D' in the vocabulary; this tokenizer lacks one"
             )
-    else:
-        cue = tokenizer.encode(ANSWER_CUE["mmlu"].strip(), add_special_tokens=False)
+    else:  # " A" after "Answer:", when the tokenizer has it as one token; else the letter's own token
+        cue = tokenizer.encode("Answer:", add_special_tokens=False)
         ids = []
         for letter in LETTERS:
-            both = tokenizer.encode(ANSWER_CUE["mmlu"].strip() + " " + letter, add_special_tokens=False)
-            ids.append(both[len(cue)] if both[: len(cue)] == cue and len(both) > len(cue) else both[-1])
+            both = tokenizer.encode(f"Answer: {letter}", add_special_tokens=False)
+            after = both[len(cue) :] if both[: len(cue)] == cue else []
+            ids.append(after[0] if len(after) == 1 else both[-1])
     if len(set(ids)) < len(ids):
         raise ConfigError(f"{benchmark}: the answer letters A-D share a token in this tokenizer ({ids})")
     return ids
