@@ -33,7 +33,7 @@ def main(argv: list[str]) -> None:
     from component.evaluate.run import run_evaluation
     from component.inference.report import percent, title
 
-    results, paths = run_evaluation(options)
+    results, paths, _ = run_evaluation(options)
     protocol = results["settings"]["protocol"]
     for model, tasks in results["models"].items():
         for task, scores in tasks.items():

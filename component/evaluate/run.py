@@ -59,9 +59,11 @@ def read_subjects(options: EvaluateOptions) -> tuple[dict[str, list[Subject]], l
 def load_lm_eval_tasks(names: list[str]) -> dict[str, dict[str, Any]]:
     """lm-eval tasks by name (not ceval/cmmlu/mmlu): requested name -> {leaf task name: Task}, each multiple-choice,
     its data read now, offline (from the Hugging Face cache), so a missing dataset fails before any weights load."""
+    if not names:
+        return {}
     from lm_eval.tasks import TaskManager
 
-    manager = TaskManager()
+    manager = TaskManager()  # indexes every task lm-eval ships: seconds
     loaded = {}
     for name in names:
         if name not in manager.all_tasks:
@@ -198,8 +200,9 @@ def _settings(options: EvaluateOptions, max_length: int) -> dict[str, Any]:
     }
 
 
-def run_evaluation(options: EvaluateOptions) -> tuple[dict[str, Any], dict[str, Path]]:
-    """The recipe: check and read everything, load once, score each model, write results and reports."""
+def run_evaluation(options: EvaluateOptions) -> tuple[dict[str, Any], dict[str, Path], dict[str, float]]:
+    """The recipe: check and read everything, load once, score each model, write results and reports. Returns the
+    results (as results.json), the paths written and each model's scoring seconds."""
     from lm_eval.models.utils import resolve_max_length
 
     from component.evaluate.report import write_outputs
@@ -259,4 +262,4 @@ def run_evaluation(options: EvaluateOptions) -> tuple[dict[str, Any], dict[str, 
         }
     results["settings"] = _settings(options, max_length)
     paths = write_outputs(results, rows, options.output_dir, {"seconds": seconds})
-    return results, paths
+    return results, paths, seconds

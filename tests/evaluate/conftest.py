@@ -1,5 +1,6 @@
 """Fixtures of the evaluation tests: benchmark folders in the three publishers' layouts, a tiny base with two LoRA
-adapters, and helpers that run stock lm-eval (HFLM + lm-eval's own task definitions) on the same files."""
+adapters, and stock lm-eval (HFLM + lm-eval's own task definitions, `benchmarks.common.stock_lm_eval_config`)
+on the same files."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks.common import stock_lm_eval_config
 from tests.utils import TINY_LLAMA
 
 # Two subjects per benchmark: one lm-eval lists (its own description), one it does not (the pattern's).
@@ -74,48 +76,12 @@ def eval_models(tmp_path_factory, demo_tokenizer) -> dict[str, str]:
     return {"base": str(base), "sft": save_lora(base, root / "sft", 1), "dpo": save_lora(base, root / "dpo", 2)}
 
 
-def stock_task_config(benchmark: str, subject: str, folder: str) -> dict:
-    """lm-eval's own task definition of a subject, pointed at the local CSV files the way lm-eval reads files
-    (`dataset_path: csv` + `data_files`); MMLU's header-less CSV gets column names and its letters mapped onto
-    lm-eval's cais/mmlu columns. Written here independently of component.evaluate."""
-    import lm_eval
-    from lm_eval.tasks._yaml_loader import load_yaml
-
-    tasks = Path(lm_eval.__file__).parent / "tasks"
-    if benchmark == "ceval":
-        name, split, files = f"ceval-valid_{subject}", "val", ("dev/{s}_dev.csv", "val/{s}_val.csv")
-        known, default = tasks / f"ceval/ceval-valid_{subject}.yaml", tasks / "ceval/_default_ceval_yaml"
-        description = f"以下是中国关于{subject.replace('_', ' ')}的单项选择题，请选出其中的正确答案。\n\n"
-    elif benchmark == "cmmlu":
-        name, split, files = f"cmmlu_{subject}", "test", ("dev/{s}.csv", "test/{s}.csv")
-        known, default = tasks / f"cmmlu/cmmlu_{subject}.yaml", tasks / "cmmlu/_default_template_yaml"
-        description = f"以下是关于{subject.replace('_', ' ')}的单项选择题，请直接给出正确答案的选项。\n\n"
-    else:
-        name, split, files = f"mmlu_{subject}", "test", ("dev/{s}_dev.csv", "test/{s}_test.csv")
-        known, default = tasks / f"mmlu/default/mmlu_{subject}.yaml", tasks / "mmlu/default/_default_template_yaml"
-        description = f"The following are multiple choice questions (with answers) about {subject}.\n\n"
-    config = load_yaml(known) if known.is_file() else {**load_yaml(default), "description": description}
-    config.pop("tag", None)
-    data_files = {config["fewshot_split"]: f"{folder}/{files[0].format(s=subject)}"}
-    data_files[split] = f"{folder}/{files[1].format(s=subject)}"
-    config.update(task=name, dataset_path="csv", dataset_name=None, dataset_kwargs={"data_files": data_files})
-    if benchmark == "mmlu":
-        config["dataset_kwargs"]["column_names"] = ["question", "A", "B", "C", "D", "answer"]
-
-        def to_cais(dataset):  # cais/mmlu: choices as a list, the answer as its index (an int, not the letter)
-            mapped = dataset.map(lambda d: {"choices": [d[x] for x in "ABCD"], "label": "ABCD".index(d["answer"])})
-            return mapped.remove_columns("answer").rename_column("label", "answer")
-
-        config["process_docs"] = to_cais
-    return config
-
-
 def stock_samples(lm, benchmark: str, subjects: list[str], folder: str, num_fewshot: int, limit=None) -> dict:
     """Stock lm-eval: simple_evaluate(HFLM, lm-eval's task definitions): task -> (per-question [ll x4], acc)."""
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    configs = [stock_task_config(benchmark, s, folder) for s in subjects]
+    configs = [stock_lm_eval_config(benchmark, s, folder) for s in subjects]
     out = simple_evaluate(
         model=lm,
         tasks=configs,

@@ -39,7 +39,7 @@ def test_demo_config_fits_the_demo_model(tmp_path):
     argv = ["--config", str(REPO / "config/demo/evaluate.json"), "--model_name_or_path", str(base), "--adapter", "null"]
     argv += ["--ceval_dir", str(REPO / "data/demo/ceval"), "--output_dir", str(tmp_path / "out"), "--limit", "20"]
     options = parse_options(EvaluateOptions, argv, "evaluate.py")
-    results, _ = run_evaluation(options)
+    results, _, _ = run_evaluation(options)
     assert results["models"]["base"]["ceval"]["prefix_cache"] == {"cached": 20, "full_forward": 0}
     assert results["settings"]["num_fewshot"] == 2
 

@@ -186,7 +186,7 @@ def test_skips_are_shown_in_the_report(tmp_path, eval_models):
         model_name_or_path=eval_models["base"], mmlu_dir=folder, num_fewshot=1, output_dir=str(tmp_path / "out")
     )
     options.validate()
-    results, paths = run_evaluation(options)
+    results, paths, _ = run_evaluation(options)
     assert results["models"]["base"]["mmlu"]["n"] == 2
     assert [(s["subject"], s["reason"]) for s in results["skipped"]] == [
         ("anatomy", "answer 'X' is not A-D"),

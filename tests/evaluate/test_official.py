@@ -89,7 +89,7 @@ def test_scores_equal_a_plain_forward_of_the_hand_written_prompt(prefix_cache, h
         batch_size=2,
     )
     options.validate()
-    results, paths = run_evaluation(options)
+    results, paths, _ = run_evaluation(options)
     tokenizer = load_tokenizer(eval_models["base"])
     for model, loaded in (
         ("base", load_for_inference(eval_models["base"])),
@@ -122,7 +122,7 @@ def test_cmmlu_overall_is_the_mean_of_its_subjects(hand_dirs, eval_models, tmp_p
         output_dir=str(tmp_path / "out"),
     )
     options.validate()
-    results, _ = run_evaluation(options)
+    results, _, _ = run_evaluation(options)
     cmmlu = results["models"]["base"]["cmmlu"]
     subjects = cmmlu["subjects"]
     assert subjects["agronomy"]["n"] == 3 and subjects["arts"]["n"] == 1

@@ -31,7 +31,7 @@ def run_ours(tmp_path: Path, base: str, folders: dict[str, str], adapters: dict[
         **settings,
     )
     options.validate()
-    results, paths = run_evaluation(options)
+    results, paths, _ = run_evaluation(options)
     samples = {}
     for model in results["models"]:
         samples[model] = {}
