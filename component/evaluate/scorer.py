@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import inspect
 import os
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Iterator
 from typing import Any
 
@@ -121,6 +121,7 @@ class CachedHFLM(HFLM):
         )
         self.scorer = PrefixScorer(model, batch_size) if prefix_cache else None
         self._task_prefix: dict[str, tuple[str, str]] = {}  # context -> (task, prefix text)
+        self._encoded: OrderedDict[tuple, list[int]] | None = None  # tok_encode's latest results, in one call
         self.counts: dict[str, dict[str, set]] = defaultdict(lambda: {"cached": set(), "full_forward": set()})
 
     def loglikelihood(self, requests, disable_tqdm: bool = False):
@@ -134,7 +135,22 @@ class CachedHFLM(HFLM):
                 for prefix in [shared_prefix(texts)]
                 for context in texts
             }
-        return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
+        # A question's choices come one after another and share its context: tokenized once, not four times.
+        self._encoded = OrderedDict()
+        try:
+            return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
+        finally:
+            self._encoded = None
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, left_truncate_len=None, **kwargs):
+        if self._encoded is None or kwargs:
+            return super().tok_encode(string, add_special_tokens, left_truncate_len, **kwargs)
+        key = (string, add_special_tokens, left_truncate_len)
+        if key not in self._encoded:
+            self._encoded[key] = super().tok_encode(string, add_special_tokens, left_truncate_len)
+            if len(self._encoded) > 16:
+                self._encoded.popitem(last=False)
+        return list(self._encoded[key])
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
         if self.scorer is None:
