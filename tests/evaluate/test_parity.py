@@ -1,6 +1,7 @@
 """evaluate.py against stock lm-eval: every question's four log-likelihoods equal those of lm-eval's HFLM running
 lm-eval's own task definitions on the same files (within 1e-4), with the prefix cache and without it, for the base
-and for an adapter (stock: `HFLM(peft=PATH)`), in all three layouts; Baichuan (ALiBi, RoPE) and a 4-bit base too.
+and for an adapter (stock: `HFLM(peft=PATH)`), in all three layouts; Baichuan (ALiBi, RoPE), Qwen2 and a 4-bit
+base too.
 """
 
 from __future__ import annotations
@@ -118,16 +119,19 @@ def test_fallback_paths_equal_stock(eval_models, bench_dirs, tmp_path, monkeypat
     assert_equal_to_stock(samples["base"], stock_samples(lm, "mmlu", ["anatomy"], folders["mmlu"], 5), "mmlu")
 
 
-@pytest.mark.parametrize("variant", ["baichuan_13b", "baichuan2_7b"])
-def test_baichuan_alibi_and_rope_equal_stock(variant, tmp_path):
-    """Native Baichuan (13B: ALiBi, 7B-2: RoPE + NormHead) with the real Baichuan2 tokenizer: the cached prefix gives
-    stock HFLM's numbers."""
+@pytest.mark.parametrize("variant", ["baichuan_13b", "baichuan2_7b", "qwen2"])
+def test_baichuan_alibi_rope_and_qwen2_equal_stock(variant, tmp_path):
+    """Native Baichuan (13B: ALiBi, 7B-2: RoPE + NormHead) with the real Baichuan2 tokenizer, and Qwen2 (GQA, tied
+    embeddings, its byte-level BPE pre-tokenizer): the cached prefix gives stock HFLM's numbers."""
     from lm_eval.models.huggingface import HFLM
 
     from component.model.loader import load_for_inference, load_tokenizer
-    from tests.export.tiny_models import build_baichuan
+    from tests.export.tiny_models import build_baichuan, build_qwen2
 
-    folder = build_baichuan(tmp_path / variant, variant, layers=2, hidden=32)
+    if variant == "qwen2":
+        folder = build_qwen2(tmp_path / variant)
+    else:
+        folder = build_baichuan(tmp_path / variant, variant, layers=2, hidden=32)
     folders = write_benchmarks(tmp_path / "bench", questions=4, dev=3)
     results, samples = run_ours(tmp_path, str(folder), {"ceval": folders["ceval"]}, {}, num_fewshot=3)
     assert results["models"]["base"]["ceval"]["prefix_cache"]["cached"] == 8
