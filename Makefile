@@ -28,6 +28,7 @@ demo: setup
 		--max_steps 80 --warmup_steps 10 --eval_strategy no --save_strategy no
 	$(PYTHON) train_rlhf.py --train_args_file config/rlhf/demo_grpo.json
 	$(PYTHON) generate.py compare --config config/demo/compare.json
+	$(PYTHON) evaluate.py --config config/demo/evaluate.json
 
 test: setup
 	$(PYTHON) -m pytest -q

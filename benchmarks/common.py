@@ -90,6 +90,75 @@ class CountingCollator:
         return batch
 
 
+def build_byte_model(folder: Path, vocab: int = 262, config: dict | None = None) -> Path:
+    """A random-init model of MODEL_CONFIG with a byte-level tokenizer (the 256 bytes and 6 special tokens, no
+    merges); `vocab` > 262 widens the embeddings and output layer as a real vocabulary would (the tokenizer keeps
+    its 262 tokens: the extra rows cost what a real vocabulary costs in the LM head)."""
+    from component.demo_assets import build_tiny_model, build_tokenizer
+
+    tokenizer = build_tokenizer(corpus=["x"], vocab_size=262)
+    build_tiny_model(folder, config=config or MODEL_CONFIG, seed=0, tokenizer=tokenizer)
+    if vocab > len(tokenizer):
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(folder)
+        model.resize_token_embeddings(vocab, mean_resizing=False)
+        model.save_pretrained(folder)
+    return folder
+
+
+def stock_lm_eval_config(benchmark: str, subject: str, folder: str) -> dict:
+    """lm-eval's own task definition of a C-Eval, CMMLU or MMLU subject, reading the local CSV files the way
+    lm-eval reads files (`dataset_path: csv` + `data_files`), independently of component.evaluate: the stock side
+    of the parity tests and of benchmarks/eval_throughput.py. MMLU's header-less CSV gets column names and its
+    letters mapped onto lm-eval's cais/mmlu columns (choices as a list, the answer as an int)."""
+    import lm_eval
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    tasks = Path(lm_eval.__file__).parent / "tasks"
+    words = subject.replace("_", " ")
+    name, split, files, known, default, description = {
+        "ceval": (
+            f"ceval-valid_{subject}",
+            "val",
+            ("dev/{s}_dev.csv", "val/{s}_val.csv"),
+            tasks / f"ceval/ceval-valid_{subject}.yaml",
+            tasks / "ceval/_default_ceval_yaml",
+            f"以下是中国关于{words}的单项选择题，请选出其中的正确答案。\n\n",
+        ),
+        "cmmlu": (
+            f"cmmlu_{subject}",
+            "test",
+            ("dev/{s}.csv", "test/{s}.csv"),
+            tasks / f"cmmlu/cmmlu_{subject}.yaml",
+            tasks / "cmmlu/_default_template_yaml",
+            f"以下是关于{words}的单项选择题，请直接给出正确答案的选项。\n\n",
+        ),
+        "mmlu": (
+            f"mmlu_{subject}",
+            "test",
+            ("dev/{s}_dev.csv", "test/{s}_test.csv"),
+            tasks / f"mmlu/default/mmlu_{subject}.yaml",
+            tasks / "mmlu/default/_default_template_yaml",
+            f"The following are multiple choice questions (with answers) about {words}.\n\n",
+        ),
+    }[benchmark]
+    config = load_yaml(known) if known.is_file() else {**load_yaml(default), "description": description}
+    config.pop("tag", None)
+    data_files = {config["fewshot_split"]: f"{folder}/{files[0].format(s=subject)}"}
+    data_files[split] = f"{folder}/{files[1].format(s=subject)}"
+    config.update(task=name, dataset_path="csv", dataset_name=None, dataset_kwargs={"data_files": data_files})
+    if benchmark == "mmlu":
+        config["dataset_kwargs"]["column_names"] = ["question", "A", "B", "C", "D", "answer"]
+        config["process_docs"] = _cais_mmlu
+    return config
+
+
+def _cais_mmlu(dataset):
+    mapped = dataset.map(lambda d: {"choices": [d[x] for x in "ABCD"], "label": "ABCD".index(d["answer"])})
+    return mapped.remove_columns("answer").rename_column("label", "answer")
+
+
 # --- runs, the machine, memory ----------------------------------------------------------------------------------
 def machine() -> str:
     cpu = next(

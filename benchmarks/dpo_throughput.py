@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.common import (  # noqa: E402
-    MODEL_CONFIG,
+    build_byte_model,
     interleaved_runs,
     load_average,
     machine,
@@ -65,23 +65,14 @@ def pairs(count: int, seed: int = 0) -> list[dict]:
 
 
 def build_workdir(workdir: Path, count: int, vocab: int) -> None:
-    """The pairs and the model; `vocab` > 262 widens the output layer as a real vocabulary would (the tokenizer
-    still uses its 262 byte tokens: the extra rows cost what a real vocabulary costs in the LM head)."""
-    from component.demo_assets import build_tiny_model, build_tokenizer
-
+    """The pairs and the model (`build_byte_model`: `vocab` > 262 widens the output layer as a real vocabulary
+    would)."""
     if (workdir / "model" / "config.json").is_file():
         return
     workdir.mkdir(parents=True, exist_ok=True)
     rows = pairs(count)
     (workdir / "pairs.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), "utf-8")
-    tokenizer = build_tokenizer(corpus=["x"], vocab_size=262)  # the 256 bytes and 6 special tokens
-    build_tiny_model(workdir / "model", config=MODEL_CONFIG, seed=0, tokenizer=tokenizer)
-    if vocab > len(tokenizer):
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_pretrained(workdir / "model")
-        model.resize_token_embeddings(vocab, mean_resizing=False)
-        model.save_pretrained(workdir / "model")
+    build_byte_model(workdir / "model", vocab)
 
 
 def our_args(workdir: Path, options: argparse.Namespace, **keys) -> dict:

@@ -49,7 +49,8 @@ def demo_numbers(seed: int = 0) -> tuple[list[str], list[str]]:
 
 
 def write_demo_data(folder: str | Path) -> None:
-    """The bundled demo files: SFT data in Firefly's layout, preference pairs, held-out questions."""
+    """The bundled demo files: SFT data in Firefly's layout, preference pairs, held-out questions, and the
+    multiple-choice set evaluate.py reads (C-Eval layout, ceval/)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     train, held_out = demo_numbers()
@@ -71,6 +72,35 @@ def write_demo_data(folder: str | Path) -> None:
     (folder / "preference_train.jsonl").write_text(pairs(train[:2000]), encoding="utf-8")
     (folder / "preference_eval.jsonl").write_text(pairs(held_out), encoding="utf-8")
     (folder / "questions.txt").write_text("".join(digits_question(n) + "\n" for n in held_out[:8]), "utf-8")
+    write_demo_benchmark(folder / "ceval", train[:5], held_out[:100], rng)
+
+
+DEMO_SUBJECT = "chinese_numerals"
+
+
+def multiple_choice(number: str, rng: random.Random) -> tuple[str, list[str], str]:
+    """The demo question with the right answer and three plausible wrong ones, the right one at a random letter."""
+    choices = {digits_answer(number)}
+    while len(choices) < 4:
+        choices.add(wrong_answer(number, rng))
+    ordered = sorted(choices - {digits_answer(number)})
+    at = rng.randrange(4)
+    ordered.insert(at, digits_answer(number))
+    return digits_question(number), ordered, "ABCD"[at]
+
+
+def write_demo_benchmark(folder: Path, dev: list[str], val: list[str], rng: random.Random) -> None:
+    """The demo task as a multiple-choice benchmark in C-Eval's layout (dev/ with explanations, val/), with the
+    subject_mapping.json C-Eval publishes beside them (English name, Chinese name, category) for its prompt."""
+    from component.evaluate.benchmarks import SUBJECT_MAPPING, write_subject
+
+    def explained(number: str) -> tuple:
+        steps = "，".join(f"{d}→{CHINESE_DIGITS[int(d)]}" for d in number)
+        return (*multiple_choice(number, rng), f"逐位对应：{steps}")
+
+    write_subject(folder, "ceval", DEMO_SUBJECT, [explained(n) for n in dev], [multiple_choice(n, rng) for n in val])
+    mapping = {DEMO_SUBJECT: ["Chinese Numerals", "汉字数字", "Other"]}
+    (folder / SUBJECT_MAPPING).write_text(json.dumps(mapping, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
 
 
 def build_tokenizer(corpus: list[str] | None = None, vocab_size: int = 400):

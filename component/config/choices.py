@@ -32,3 +32,7 @@ REFERENCE_FREE_LOSSES = ("simpo", "orpo")
 
 # Online RL algorithms (docs/rlhf.md).
 RL_ALGORITHMS = ("grpo", "rloo", "ppo")
+
+# evaluate.py: the benchmarks read from local folders, and how a question is asked and scored (docs/evaluation.md).
+BENCHMARKS = ("ceval", "cmmlu", "mmlu")
+EVAL_PROTOCOLS = ("lm_eval", "official")

@@ -38,8 +38,8 @@ def _help(text: str) -> dict:
 
 
 @dataclass
-class ModelOptions:
-    """Which weights to load and how to prompt them."""
+class WeightsOptions:
+    """Which weights to load: one base, its adapters by name (generate.py, evaluate.py)."""
 
     model_name_or_path: str | None = field(default=None, metadata=_help("Base (or merged) model folder."))
     adapter: str | list[str] | None = field(
@@ -49,18 +49,10 @@ class ModelOptions:
             "--adapter sft=output/sft --adapter dpo=output/dpo"
         ),
     )
-    template: str | None = field(
-        default=None,
-        metadata=choices(
-            *TEMPLATES, None, help="Prompt template; default: the adapter's train_args.json, else human_assistant."
-        ),
-    )
     quantization: str | None = field(
         default=None, metadata=choices(*QUANTIZATIONS, help="Load the base in 4bit or 8bit (bitsandbytes).")
     )
     trust_remote_code: bool = field(default=False, metadata=_help("Run Python files shipped with the model."))
-    system: str | None = field(default=None, metadata=_help("System prompt for every conversation."))
-    max_context: int | None = field(default=None, metadata=_help("Context length; default: the model config's."))
 
     def adapters(self) -> dict[str, str]:
         """Adapter name -> folder, in the order given; one unnamed adapter is "sft", several take folder names."""
@@ -80,11 +72,28 @@ class ModelOptions:
     def validate(self) -> None:
         if not self.model_name_or_path:
             raise ConfigError("missing 'model_name_or_path' (a local model folder), in --config or on the command line")
-        _require_folder("model_name_or_path", self.model_name_or_path, "a local model folder")
+        require_folder("model_name_or_path", self.model_name_or_path, "a local model folder")
         for path in self.adapters().values():
-            _require_folder("adapter", path, "a LoRA output_dir")
+            require_folder("adapter", path, "a LoRA output_dir")
             if not (Path(path) / "adapter_config.json").is_file():
                 raise ConfigError(f"'adapter' {path!r} has no adapter_config.json (is it a LoRA output_dir?)")
+
+
+@dataclass
+class ModelOptions(WeightsOptions):
+    """Which weights to load and how to prompt them."""
+
+    template: str | None = field(
+        default=None,
+        metadata=choices(
+            *TEMPLATES, None, help="Prompt template; default: the adapter's train_args.json, else human_assistant."
+        ),
+    )
+    system: str | None = field(default=None, metadata=_help("System prompt for every conversation."))
+    max_context: int | None = field(default=None, metadata=_help("Context length; default: the model config's."))
+
+    def validate(self) -> None:
+        super().validate()
         if self.max_context is not None and self.max_context < 2:
             raise ConfigError(f"'max_context' must be at least 2, got {self.max_context}")
 
@@ -159,9 +168,9 @@ class CompareOptions(GenerationOptions):
     def validate(self) -> None:
         if self.questions and self.references:
             raise ConfigError("give either 'questions' or 'references' (questions with expected answers), not both")
-        _require_file("questions", self.questions)
-        _require_file("references", self.references)
-        _require_folder("reward_model", self.reward_model, "train_rm.py output_dir")
+        require_file("questions", self.questions)
+        require_file("references", self.references)
+        require_folder("reward_model", self.reward_model, "train_rm.py output_dir")
         if self.batch_size < 1:
             raise ConfigError(f"'batch_size' must be at least 1, got {self.batch_size}")
         super().validate()
@@ -181,7 +190,7 @@ class WebOptions(GenerationOptions):
             raise ConfigError("'host' is empty; use 127.0.0.1 (this machine only) or 0.0.0.0 (the network)")
         if not 1 <= self.port <= 65535:
             raise ConfigError(f"'port' must be in 1..65535, got {self.port}")
-        _require_folder("reward_model", self.reward_model, "train_rm.py output_dir")
+        require_folder("reward_model", self.reward_model, "train_rm.py output_dir")
         super().validate()
         if len(self.settings()) > 1:
             raise ConfigError("web takes one preset to start with (the page switches presets); compare runs several")
@@ -205,8 +214,8 @@ class ScoreOptions:
         for key in ("reward_model", "input", "output"):
             if not getattr(self, key):
                 raise ConfigError(f"missing '{key}', in --config or on the command line")
-        _require_folder("reward_model", self.reward_model, "train_rm.py output_dir")
-        _require_file("input", self.input)
+        require_folder("reward_model", self.reward_model, "train_rm.py output_dir")
+        require_file("input", self.input)
         if self.batch_size < 1:
             raise ConfigError(f"'batch_size' must be at least 1, got {self.batch_size}")
 
@@ -259,8 +268,8 @@ class ExportOptions:
             raise ConfigError("missing 'output_dir', in --config or on the command line")
         if not self.adapter and not self.model_name_or_path:
             raise ConfigError("give 'model_name_or_path' (a merged or base folder) and/or 'adapter'")
-        _require_folder("model_name_or_path", self.model_name_or_path, "a local model folder")
-        _require_folder("adapter", self.adapter, "a LoRA output_dir")
+        require_folder("model_name_or_path", self.model_name_or_path, "a local model folder")
+        require_folder("adapter", self.adapter, "a LoRA output_dir")
         if self.opset is not None and self.opset < 7:
             raise ConfigError(f"'opset' must be at least 7, got {self.opset}")
 
@@ -282,11 +291,11 @@ def parse_options(cls: type, argv: list[str], prog: str = "generate.py") -> Any:
     return options
 
 
-def _require_folder(key: str, path: str | None, what: str) -> None:
+def require_folder(key: str, path: str | None, what: str) -> None:
     if path and not Path(path).is_dir():
         raise ConfigError(f"'{key}' {path!r} is not a folder ({what})")
 
 
-def _require_file(key: str, path: str | None) -> None:
+def require_file(key: str, path: str | None) -> None:
     if path and not Path(path).is_file():
         raise ConfigError(f"'{key}' file {path!r} does not exist")

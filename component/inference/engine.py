@@ -15,7 +15,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStr
 
 from component.config.choices import TEMPLATES
 from component.config.generation import GenerationSettings
-from component.config.inference import ModelOptions
+from component.config.inference import ModelOptions, WeightsOptions
 from component.data.template import Template, get_template
 from component.inference.answers import (  # noqa: F401 (re-exported: chat, compare, RL, web import them from here)
     clean_answer,
@@ -38,20 +38,25 @@ def template_name_for(options: ModelOptions) -> str:
     return "human_assistant"
 
 
-def load_for_generation(options: ModelOptions) -> tuple[Any, Any, Template]:
-    """Model (base with its adapters attached under their names, if any), left-padding tokenizer and template."""
+def load_weights(options: WeightsOptions, padding_side: str = "left") -> tuple[Any, Any]:
+    """Model (base with its adapters attached under their names, if any) and tokenizer, in eval mode."""
     adapters = options.adapters()
     # The adapter folder's tokenizer is the one training used; a merged folder carries its own.
     path = tokenizer_folder(*adapters.values(), options.model_name_or_path)
-    tokenizer = load_tokenizer(path, options.trust_remote_code, padding_side="left")
-    template = get_template(template_name_for(options), tokenizer)
+    tokenizer = load_tokenizer(path, options.trust_remote_code, padding_side=padding_side)
     model = load_for_inference(
         options.model_name_or_path,
         adapters=adapters,
         quantization=options.quantization,
         trust_remote_code=options.trust_remote_code,
     )
-    return model, tokenizer, template
+    return model, tokenizer
+
+
+def load_for_generation(options: ModelOptions) -> tuple[Any, Any, Template]:
+    """Model (base with its adapters attached under their names, if any), left-padding tokenizer and template."""
+    model, tokenizer = load_weights(options, padding_side="left")
+    return model, tokenizer, get_template(template_name_for(options), tokenizer)
 
 
 def model_device(model) -> torch.device:

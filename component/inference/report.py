@@ -67,7 +67,7 @@ def write_reports(result: CompareResult, output_dir: str | Path) -> dict[str, Pa
 # --- shared wording ------------------------------------------------------------------------------------------------
 
 
-def _percent(value: float | None) -> str:
+def percent(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}%"
 
 
@@ -84,7 +84,7 @@ def _stats_rows(result: CompareResult, preset: str) -> tuple[list[str], list[lis
     rows = []
     for label, stats in models.items():
         cells = [title(label), str(stats["answers"])]
-        cells += [_percent(stats["exact_match"])] if "exact_match" in stats else []
+        cells += [percent(stats["exact_match"])] if "exact_match" in stats else []
         cells += [_number(stats["mean_reward"])] if "mean_reward" in stats else []
         rows.append(cells)
     return header, rows
@@ -96,7 +96,7 @@ def _win_lines(result: CompareResult, preset: str) -> list[str]:
         unscored = f", {duel['unscored']} not scored (too long for the reward model)" if duel["unscored"] else ""
         lines.append(
             f"{title(label)} vs {title(other)} by reward: {duel['wins']} wins, {duel['ties']} ties, "
-            f"{duel['losses']} losses{unscored}; win rate {_percent(duel['win_rate'])} (ties count half)"
+            f"{duel['losses']} losses{unscored}; win rate {percent(duel['win_rate'])} (ties count half)"
         )
     return lines
 
@@ -119,13 +119,13 @@ def _overview(result: CompareResult) -> list[tuple[str, str]]:
 # --- Markdown ------------------------------------------------------------------------------------------------------
 
 
-def _md_cell(text: str | None) -> str:
+def md_cell(text: str | None) -> str:
     if text is None or text == "":
         return "*(empty)*" if text == "" else ""
     return text.replace("\\", "\\\\").replace("|", "\\|").replace("\r", "").replace("\n", "<br>")
 
 
-def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
+def md_table(header: list[str], rows: list[list[str]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return lines
@@ -133,11 +133,11 @@ def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 def render_markdown(result: CompareResult) -> str:
     lines = ["# Base vs fine-tuned: answers side by side", ""]
-    lines += _md_table(["", ""], [[_md_cell(k), _md_cell(v)] for k, v in _overview(result)])
+    lines += md_table(["", ""], [[md_cell(k), md_cell(v)] for k, v in _overview(result)])
     labels = list(result.models)
     for preset, described in result.settings.items():
         lines += ["", f"## Preset `{preset}`", "", f"Settings: `{described}`", ""]
-        lines += _md_table(*_stats_rows(result, preset))
+        lines += md_table(*_stats_rows(result, preset))
         for win in _win_lines(result, preset):
             lines += ["", win]
         table = result.table(preset)
@@ -146,20 +146,20 @@ def render_markdown(result: CompareResult) -> str:
         header += [title(label) for label in labels]
         rows = []
         for number, entry in enumerate(table, 1):
-            cells = [str(number), _md_cell(entry["question"])]
-            cells += [_md_cell(entry["reference"])] if has_reference else []
+            cells = [str(number), md_cell(entry["question"])]
+            cells += [md_cell(entry["reference"])] if has_reference else []
             for label in labels:
                 row = entry["rows"].get(label)
                 note = _answer_note(row) if row else ""
-                cells.append(_md_cell(row["answer"] if row else None) + (f" <br>*({note})*" if note else ""))
+                cells.append(md_cell(row["answer"] if row else None) + (f" <br>*({note})*" if note else ""))
             rows.append(cells)
-        lines += [""] + _md_table(header, rows)
+        lines += [""] + md_table(header, rows)
     return "\n".join(lines) + "\n"
 
 
 # --- HTML ----------------------------------------------------------------------------------------------------------
 
-_STYLE = """
+STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2rem; color: #222; }
 table { border-collapse: collapse; margin: 0.5rem 0 1.5rem; width: 100%; }
 th, td { border: 1px solid #ccc; padding: 0.4rem 0.6rem; vertical-align: top; text-align: left; }
@@ -172,12 +172,12 @@ code { background: #f3f3f3; padding: 0 0.2rem; }
 """
 
 
-def _h(text: Any) -> str:
+def escape(text: Any) -> str:
     return html.escape(str(text), quote=True)
 
 
-def _html_table(header: list[str], rows: list[list[str]], css: str = "") -> str:
-    head = "".join(f"<th>{_h(cell)}</th>" for cell in header)
+def html_table(header: list[str], rows: list[list[str]], css: str = "") -> str:
+    head = "".join(f"<th>{escape(cell)}</th>" for cell in header)
     body = "".join("<tr>" + "".join(f"<td>{cell}</td>" for cell in row) + "</tr>" for row in rows)
     return f'<table class="{css}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 
@@ -189,38 +189,43 @@ def _html_answer(row: dict[str, Any] | None) -> str:
     if "exact_match" in row:
         css = "right" if row["exact_match"] else "wrong"
     note = _answer_note(row)
-    note_html = f'<div class="note {css}">{_h(note)}</div>' if note else ""
-    return f"<pre>{_h(row['answer']) or '<em>(empty)</em>'}</pre>{note_html}"
+    note_html = f'<div class="note {css}">{escape(note)}</div>' if note else ""
+    return f"<pre>{escape(row['answer']) or '<em>(empty)</em>'}</pre>{note_html}"
+
+
+def html_page_head(page_title: str, heading: str, overview: list[tuple[str, str]]) -> list[str]:
+    """The start of a self-contained report page: head with the shared style, heading, overview table."""
+    return [
+        "<!DOCTYPE html>",
+        '<html lang="zh"><head><meta charset="utf-8">',
+        f"<title>{escape(page_title)}</title>",
+        f"<style>{STYLE}</style></head><body>",
+        f"<h1>{escape(heading)}</h1>",
+        '<table class="overview"><tbody>'
+        + "".join(f"<tr><th>{escape(k)}</th><td>{escape(v)}</td></tr>" for k, v in overview)
+        + "</tbody></table>",
+    ]
 
 
 def render_html(result: CompareResult) -> str:
     labels = list(result.models)
-    parts = [
-        "<!DOCTYPE html>",
-        '<html lang="zh"><head><meta charset="utf-8">',
-        "<title>Base vs fine-tuned</title>",
-        f"<style>{_STYLE}</style></head><body>",
-        "<h1>Base vs fine-tuned: answers side by side</h1>",
-        '<table class="overview"><tbody>'
-        + "".join(f"<tr><th>{_h(k)}</th><td>{_h(v)}</td></tr>" for k, v in _overview(result))
-        + "</tbody></table>",
-    ]
+    parts = html_page_head("Base vs fine-tuned", "Base vs fine-tuned: answers side by side", _overview(result))
     for preset, described in result.settings.items():
-        parts.append(f"<h2>Preset <code>{_h(preset)}</code></h2>")
-        parts.append(f"<p>Settings: <code>{_h(described)}</code></p>")
+        parts.append(f"<h2>Preset <code>{escape(preset)}</code></h2>")
+        parts.append(f"<p>Settings: <code>{escape(described)}</code></p>")
         header, stats = _stats_rows(result, preset)
-        parts.append(_html_table(header, [[_h(c) for c in row] for row in stats], "stats"))
-        parts += [f"<p><strong>{_h(win)}</strong></p>" for win in _win_lines(result, preset)]
+        parts.append(html_table(header, [[escape(c) for c in row] for row in stats], "stats"))
+        parts += [f"<p><strong>{escape(win)}</strong></p>" for win in _win_lines(result, preset)]
         table = result.table(preset)
         has_reference = any(entry["reference"] is not None for entry in table)
         header = ["#", "Question"] + (["Reference"] if has_reference else [])
         header += [title(label) for label in labels]
         rows = []
         for number, entry in enumerate(table, 1):
-            cells = [str(number), f"<pre>{_h(entry['question'])}</pre>"]
-            cells += [f"<pre>{_h(entry['reference'])}</pre>"] if has_reference else []
+            cells = [str(number), f"<pre>{escape(entry['question'])}</pre>"]
+            cells += [f"<pre>{escape(entry['reference'])}</pre>"] if has_reference else []
             cells += [_html_answer(entry["rows"].get(label)) for label in labels]
             rows.append(cells)
-        parts.append(_html_table(header, rows, "answers"))
+        parts.append(html_table(header, rows, "answers"))
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
