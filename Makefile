@@ -1,11 +1,13 @@
 # make demo: set up, then run the CPU demo end to end.  make test: set up, then run every test.
 # make lint: ruff (lint + format check) and import-linter's layer contracts (pyproject.toml).
 # make web-screenshots: rerun the browser test of generate.py web, saving docs/images/web_{chat,compare}.png.
+# make vllm-env [VLLM_VENV=DIR]: vLLM's own environment with our plugin (default .venv-vllm, git-ignored).
 PYTHON ?= python3
 TORCH_VERSION ?= 2.13.0
 DEMO := output/demo
+VLLM_VENV ?= .venv-vllm
 
-.PHONY: setup chromium demo test lint web-screenshots clean check-llamacpp
+.PHONY: setup chromium demo test lint web-screenshots clean check-llamacpp vllm-env check-vllm
 
 setup: chromium
 	$(PYTHON) -m pip install -q "torch==$(TORCH_VERSION)"
@@ -41,6 +43,15 @@ web-screenshots: setup
 # Opt-in, not in CI: build llama.cpp + cpp/ (cpp/build.sh, cached outside the repo), then check our GGUF files in it.
 check-llamacpp:
 	LLAMA_CPP_BIN="$$(cpp/build.sh)" $(PYTHON) -m pytest -q -s -rs tests/export/test_llamacpp.py
+
+# vLLM in an environment of its own (requirements-vllm.txt: it needs an older transformers), with vllm_plugin/
+# installed; vllm_plugin/make_env.sh prints how to use it. docs/export.md#serving.
+vllm-env:
+	PYTHON=$(PYTHON) TORCH_VERSION=$(TORCH_VERSION) vllm_plugin/make_env.sh $(VLLM_VENV)
+
+# Opt-in, not in CI: our exports served by vLLM (offline, LoRA, the OpenAI-compatible server) against generate.py.
+check-vllm: vllm-env
+	VLLM_VENV="$(abspath $(VLLM_VENV))" $(PYTHON) -m pytest -q -s -rs tests/serving
 
 clean:
 	rm -rf output .pytest_cache

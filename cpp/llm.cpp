@@ -1,5 +1,6 @@
 #include "llm.h"
 
+#include <algorithm>
 #include <cstdio>
 #include <stdexcept>
 
@@ -15,7 +16,22 @@ void quiet_logs() {
         nullptr);
 }
 
-Model::Model(const std::string & path, int n_ctx, int n_threads, bool f32_cache) {
+std::map<std::string, std::string> options(int argc, char ** argv, const std::vector<std::string> & known) {
+    std::map<std::string, std::string> values;
+    for (int i = 1; i < argc; i += 2) {
+        std::string option = argv[i];
+        if (std::find(known.begin(), known.end(), option) == known.end()) {
+            throw std::invalid_argument("unknown argument '" + option + "'");
+        }
+        if (i + 1 >= argc) {
+            throw std::invalid_argument(option + " needs a value");
+        }
+        values[option] = argv[i + 1];
+    }
+    return values;
+}
+
+Model::Model(const std::string & path, int n_ctx, int n_threads, bool f32_cache, int n_seq_max) {
     llama_backend_init();
     llama_model_params model_params = llama_model_default_params();
     model_params.n_gpu_layers = 0;
@@ -29,6 +45,7 @@ Model::Model(const std::string & path, int n_ctx, int n_threads, bool f32_cache)
     ctx_params.n_ctx = n_ctx > 0 ? n_ctx : llama_model_n_ctx_train(model);
     ctx_params.n_batch = ctx_params.n_ctx;
     ctx_params.n_ubatch = ctx_params.n_ctx;
+    ctx_params.n_seq_max = n_seq_max;
     ctx_params.n_threads = n_threads;
     ctx_params.n_threads_batch = n_threads;
     if (f32_cache) {

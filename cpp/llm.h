@@ -1,6 +1,7 @@
 // Small helpers shared by llm_chat and llm_logits: load a GGUF model and run tokens through it.
 #pragma once
 
+#include <map>
 #include <string>
 #include <vector>
 
@@ -15,8 +16,9 @@ struct Model {
 
     // Loads `path` on the CPU with a context of n_ctx tokens (0 = the model's training context). The KV cache is
     // f16 (llama.cpp's default, half the memory) or, with f32_cache, f32 without flash attention: the
-    // transformers computation up to summation order. Throws on failure.
-    Model(const std::string & path, int n_ctx, int n_threads, bool f32_cache = false);
+    // transformers computation up to summation order. n_seq_max sequences may share the context (llm_bench).
+    // Throws on failure.
+    Model(const std::string & path, int n_ctx, int n_threads, bool f32_cache = false, int n_seq_max = 1);
     ~Model();
     Model(const Model &) = delete;
     Model & operator=(const Model &) = delete;
@@ -34,5 +36,8 @@ struct Model {
 
 // Only llama.cpp's errors reach stderr.
 void quiet_logs();
+
+// A command line of "--option value" pairs, each option one of `known`; throws std::invalid_argument otherwise.
+std::map<std::string, std::string> options(int argc, char ** argv, const std::vector<std::string> & known);
 
 }  // namespace llm

@@ -25,12 +25,11 @@ import gguf
 import numpy as np
 import torch
 
-from component.config.choices import TEMPLATES
 from component.config.parser import ConfigError
 from component.data.template import get_template
 from component.export.gguf_vocab import read_vocab
 from component.export.merge import merge_adapter
-from component.model.loader import load_tokenizer, read_train_args
+from component.model.loader import load_tokenizer, trained_template
 
 logger = logging.getLogger(__name__)
 
@@ -94,8 +93,7 @@ def write_gguf(model_dir: str | Path, output_dir: str | Path, gguf_type: str = "
     config = read_model_config(model_dir)
     architecture = architecture_of(config, model_dir)
     tokenizer = load_tokenizer(str(model_dir))
-    template_name = read_train_args(model_dir).get("template")
-    template_name = template_name if template_name in TEMPLATES else "human_assistant"
+    template_name = trained_template(model_dir)
 
     output_dir.mkdir(parents=True, exist_ok=True)
     path = output_dir / f"model-{gguf_type}.gguf"

@@ -1,5 +1,8 @@
 """Merge: fold a LoRA adapter into 16-bit base weights and save a folder plain transformers loads.
 
+A Baichuan folder also gets our standalone model files and an `auto_map` naming them (write_standalone_code), so
+transformers 5 with trust_remote_code=True loads it without this project.
+
 Front end: merge_lora.py. A reward-model adapter (task_type SEQ_CLS) merges into a sequence-classification
 model; its trained score head (peft modules_to_save) replaces the base's.
 """
@@ -13,6 +16,8 @@ import torch
 
 from component.config.choices import MERGE_DTYPES
 from component.config.parser import ConfigError, closest
+from component.data.template import get_template
+from component.model.baichuan import is_baichuan_config, write_standalone_code
 from component.model.loader import (
     adapter_base,
     load_adapter,
@@ -20,6 +25,7 @@ from component.model.loader import (
     load_tokenizer,
     read_adapter_config,
     tokenizer_folder,
+    trained_template,
 )
 
 TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -36,11 +42,25 @@ def merge_adapter(
     """Merge `adapter` into its base (default: the adapter's own base) and save to `output_dir`."""
     merged, tokenizer = merged_model(adapter, model_name_or_path, dtype, quantization, trust_remote_code)
     output = Path(output_dir)
+    if type(merged).__name__.endswith("ForCausalLM"):  # not for reward models
+        serve_with_trained_template(merged, tokenizer, trained_template(adapter))
     merged.save_pretrained(output)
     tokenizer.save_pretrained(output)
     if (Path(adapter) / "train_args.json").is_file():  # keeps the template choice with the weights
         (output / "train_args.json").write_bytes((Path(adapter) / "train_args.json").read_bytes())
+    if is_baichuan_config(output):  # loads without this project too (transformers + trust_remote_code)
+        write_standalone_code(output)
     return output
+
+
+def serve_with_trained_template(model, tokenizer, template_name: str) -> None:
+    """Runtimes that render chat prompts themselves (vLLM's server, transformers' apply_chat_template) render the
+    template the weights learned, and stop where generate.py stops: the tokenizer's chat_template becomes that
+    template's Jinja form and generation_config's eos_token_id its stop tokens."""
+    template = get_template(template_name, tokenizer)
+    tokenizer.chat_template = template.jinja_chat_template()
+    stops = template.stop_token_ids
+    model.generation_config.eos_token_id = stops[0] if len(stops) == 1 else stops
 
 
 def merged_model(

@@ -148,13 +148,15 @@ def load_source(options):
         raise ConfigError(
             f"'model_name_or_path' {options.model_name_or_path!r} is saved quantized; export its 16-bit original"
         )
+    tokenizer = load_tokenizer(
+        tokenizer_folder(options.model_name_or_path), options.trust_remote_code
+    )  # before weights
     model = load_pretrained(
         options.model_name_or_path,
         "causal_lm",
         dtype=ONNX_TORCH_DTYPES[options.onnx_dtype],
         trust_remote_code=options.trust_remote_code,
     )
-    tokenizer = load_tokenizer(tokenizer_folder(options.model_name_or_path), options.trust_remote_code)
     return model, tokenizer, options.model_name_or_path
 
 

@@ -68,6 +68,34 @@ def generate_kwargs(tokenizer, template: Template, settings: GenerationSettings)
 
 
 @torch.inference_mode()
+def generate_token_ids(
+    model,
+    tokenizer,
+    template: Template,
+    prompts: list[list[int]],
+    settings: GenerationSettings,
+    batch_size: int = 8,
+    context: int | None = None,
+) -> list[list[int]]:
+    """The new tokens for each token-id prompt, `batch_size` at a time, left-padded so every answer starts at the
+    same column; each ends with its first stop token, or runs to max_new_tokens (what other runtimes return)."""
+    device = model_device(model)
+    kwargs = generate_kwargs(tokenizer, template, settings)
+    pad, stops = tokenizer.pad_token_id, set(template.stop_token_ids)
+    answers: list[list[int]] = []
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start : start + batch_size]
+        width = max(len(p) for p in batch)
+        input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=device)
+        attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
+        kwargs["max_new_tokens"] = room_to_answer(settings, width, context)
+        for row in model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs):
+            tokens = row[width:].tolist()
+            end = next((i + 1 for i, token in enumerate(tokens) if token in stops), len(tokens))
+            answers.append(tokens[:end])
+    return answers
+
+
 def generate_answers(
     model,
     tokenizer,
@@ -77,20 +105,9 @@ def generate_answers(
     batch_size: int = 8,
     context: int | None = None,
 ) -> list[str]:
-    """Answers to token-id prompts, `batch_size` at a time, left-padded so every answer starts at the same column."""
-    device = model_device(model)
-    kwargs = generate_kwargs(tokenizer, template, settings)
-    pad = tokenizer.pad_token_id
-    answers: list[str] = []
-    for start in range(0, len(prompts), batch_size):
-        batch = prompts[start : start + batch_size]
-        width = max(len(p) for p in batch)
-        input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=device)
-        attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
-        kwargs["max_new_tokens"] = room_to_answer(settings, width, context)
-        output = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-        answers += [clean_answer(row[width:].tolist(), tokenizer, template) for row in output]
-    return answers
+    """Answers to token-id prompts (generate_token_ids, decoded and cleaned)."""
+    token_ids = generate_token_ids(model, tokenizer, template, prompts, settings, batch_size, context)
+    return [clean_answer(tokens, tokenizer, template) for tokens in token_ids]
 
 
 class StreamWriter(TextStreamer):

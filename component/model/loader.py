@@ -24,6 +24,7 @@ from transformers import (
     PreTrainedModel,
 )
 
+from component.config.choices import TEMPLATES
 from component.config.parser import ConfigError, closest
 from component.config.training import FinetuneArguments
 from component.model.baichuan import is_baichuan_config, load_baichuan_tokenizer
@@ -90,6 +91,12 @@ def read_train_args(folder: str | Path | None) -> dict[str, Any]:
     return json.loads(file.read_text(encoding="utf-8")) if folder and file.is_file() else {}
 
 
+def trained_template(folder: str | Path | None) -> str:
+    """The prompt template the weights in `folder` learned (its train_args.json), else human_assistant."""
+    name = read_train_args(folder).get("template")
+    return name if name in TEMPLATES else "human_assistant"
+
+
 def read_adapter_config(folder: str | Path | None) -> dict[str, Any] | None:
     """A PEFT adapter folder's adapter_config.json, or None when the folder holds no adapter."""
     file = Path(folder or "") / "adapter_config.json"
@@ -130,8 +137,26 @@ def adapter_base(folder: str | Path) -> str | None:
     return read_train_args(folder).get("model_name_or_path") or config.get("base_model_name_or_path")
 
 
+# A local folder holds a tokenizer when it has one of these (Baichuan: its SentencePiece model, always).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
+
+
+def check_tokenizer_files(folder: str | Path) -> None:
+    """One line naming what is missing, instead of a tokenizer library's error from deep inside the loader."""
+    path = Path(folder)
+    if not path.is_dir():
+        return  # a hub id: transformers says what it cannot find
+    needed = ("tokenizer.model",) if is_baichuan_config(path) else TOKENIZER_FILES
+    if not any((path / name).is_file() for name in needed):
+        raise ConfigError(
+            f"model folder {str(path)!r} has no tokenizer: {' / '.join(needed)} missing (an adapter folder carries "
+            "the tokenizer training used; or copy the base model's tokenizer files into it)"
+        )
+
+
 def load_tokenizer(model_name_or_path: str, trust_remote_code: bool = False, padding_side: str = "right"):
     """The folder's tokenizer; a pad token is borrowed from UNK (or EOS) when it has none."""
+    check_tokenizer_files(model_name_or_path)
     if is_baichuan_config(model_name_or_path):  # the hub's own tokenizer code is broken on transformers 5
         tokenizer = load_baichuan_tokenizer(model_name_or_path)
     else:

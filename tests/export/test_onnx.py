@@ -278,6 +278,8 @@ def test_export_refuses_what_it_cannot_export(tiny_llama_dir, tmp_path):
     sliding = tmp_path / "sliding"
     config = AutoConfig.for_model(**{**BUILT["qwen2"], "use_sliding_window": True, "sliding_window": 8})
     AutoModelForCausalLM.from_config(config).save_pretrained(sliding)
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # so the tokenizer check passes
+        (sliding / name).write_bytes((tiny_llama_dir / name).read_bytes())
     with pytest.raises(ConfigError, match="sliding-window attention"):
         export(model_name_or_path=str(sliding))
     assert not (tmp_path / "out").exists()
@@ -287,7 +289,7 @@ def test_demo_sft_export_reproduces_exact_match(tmp_path):
     """export.py on the demo's base + SFT adapter (fp32 logits within 1e-4 of base + adapter in PyTorch), then
     generate.py compare --backend onnxruntime: the demo's exact match (1.0 on the 200 held-out questions, greedy)."""
     demo = REPO / "output" / "demo"
-    skip_without_demo(demo / "base_model", demo / "sft")
+    skip_without_demo("output/demo/base_model", "output/demo/sft")
     exported = tmp_path / "sft_onnx"
     run = [sys.executable, "export.py", "--format", "onnx", "--adapter", str(demo / "sft")]
     result = subprocess.run([*run, "--output_dir", str(exported)], cwd=REPO, capture_output=True, text=True)

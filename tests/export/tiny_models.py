@@ -115,24 +115,29 @@ def build_qwen2_tokenizer():
     )
 
 
-def build_qwen2(folder: Path, seed: int = 0) -> Path:
+def build_qwen2(folder: Path, seed: int = 0, **overrides) -> Path:
+    """`overrides`: config fields (e.g. fewer heads for runtimes that need a head size of 32 or more)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     tokenizer = build_qwen2_tokenizer()
+    values = {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 512,
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": True,
+        "initializer_range": 0.1,
+        **overrides,
+    }
     config = Qwen2Config(
         vocab_size=len(tokenizer) + 12,  # padded embedding rows, as Qwen2 checkpoints have
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=True,
-        initializer_range=0.1,
         bos_token_id=None,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        **values,
     )
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(config)

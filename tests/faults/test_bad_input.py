@@ -322,3 +322,41 @@ def test_our_defaults_cause_no_warnings(tmp_path, fault_args):
         warnings.simplefilter("error", FutureWarning)
         warnings.simplefilter("error", DeprecationWarning)
         build_arguments({**fault_args, "output_dir": str(tmp_path)})
+
+
+@pytest.mark.parametrize(
+    "export_format, model",
+    [("onnx", "baichuan"), ("onnx", "llama"), ("gguf", "llama"), ("hf", "llama adapter")],
+)
+def test_export_of_a_folder_without_tokenizer_is_one_line(export_format, model, tmp_path, tiny_llama_dir, capsys):
+    """export.py names the missing tokenizer files (it used to end in SentencePiece's ValueError, after loading
+    the weights)."""
+    import runpy
+    import shutil
+
+    from tests.export.tiny_models import build_baichuan
+
+    export_main = runpy.run_path(str(REPO / "export.py"))["main"]  # `import export` finds tests/export
+
+    if model == "baichuan":
+        folder = build_baichuan(tmp_path / "model", "baichuan_13b", layers=1)
+        for name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
+            (folder / name).unlink()
+        missing = "tokenizer.model missing"
+    else:
+        folder = tmp_path / "model"
+        folder.mkdir()
+        for name in ("config.json", "model.safetensors"):
+            shutil.copy(tiny_llama_dir / name, folder / name)
+        missing = "tokenizer.json / tokenizer.model / vocab.json / vocab.txt missing"
+    argv = ["--format", export_format, "--output_dir", str(tmp_path / "out"), "--model_name_or_path", str(folder)]
+    if model == "llama adapter":
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM
+
+        adapter = tmp_path / "adapter"
+        get_peft_model(AutoModelForCausalLM.from_pretrained(folder), LoraConfig(r=2)).save_pretrained(adapter)
+        argv += ["--adapter", str(adapter)]
+    code, err = run_entry(export_main, argv, capsys)
+    assert code == 1 and len(err.strip().splitlines()) == 1, err
+    assert re.search(rf"^config error: model folder '.*' has no tokenizer: {re.escape(missing)}", err), err

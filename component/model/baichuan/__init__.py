@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,19 @@ from .modeling_baichuan import (
 from .tokenization_baichuan import BaichuanTokenizer
 
 MODEL_TYPE = "baichuan"
+
+# What a saved folder needs to load with plain transformers 5 and trust_remote_code=True, without this project:
+# our three standalone files (they import only torch, transformers, huggingface_hub and sentencepiece) and an
+# auto_map naming their classes. The hub's own files were written for transformers 4.33 and fail on 5.
+STANDALONE_FILES = ("configuration_baichuan.py", "modeling_baichuan.py", "tokenization_baichuan.py")
+TOKENIZER_AUTO_MAP = {"AutoTokenizer": ["tokenization_baichuan.BaichuanTokenizer", None]}
+AUTO_MAP = {
+    "AutoConfig": "configuration_baichuan.BaichuanConfig",
+    "AutoModel": "modeling_baichuan.BaichuanModel",
+    "AutoModelForCausalLM": "modeling_baichuan.BaichuanForCausalLM",
+    "AutoModelForSequenceClassification": "modeling_baichuan.BaichuanForSequenceClassification",
+    **TOKENIZER_AUTO_MAP,
+}
 
 # Sampling defaults of the chat models (their hub generation_config.json); from_pretrained already reads that
 # file when a chat folder ships it, these are for callers that build a GenerationConfig themselves.
@@ -59,6 +73,21 @@ def register_baichuan() -> None:
     classifier = BaichuanForSequenceClassification
     AutoModelForSequenceClassification.register(BaichuanConfig, classifier, exist_ok=True)
     AutoTokenizer.register(BaichuanConfig, tokenizer_class=BaichuanTokenizer, exist_ok=True)
+
+
+def write_standalone_code(folder: str | os.PathLike) -> None:
+    """Make a saved Baichuan folder self-contained: our standalone files next to the weights, `auto_map` in
+    config.json (and tokenizer_config.json) naming them, so transformers 5 with trust_remote_code=True loads it
+    where this project is not installed. Our own loader still ignores them (registered classes win)."""
+    folder = Path(folder)
+    for name in STANDALONE_FILES:
+        shutil.copyfile(Path(__file__).parent / name, folder / name)
+    for file, auto_map in (("config.json", AUTO_MAP), ("tokenizer_config.json", TOKENIZER_AUTO_MAP)):
+        path = folder / file
+        if path.is_file():
+            values = json.loads(path.read_text(encoding="utf-8"))
+            values["auto_map"] = auto_map
+            path.write_text(json.dumps(values, indent=2, ensure_ascii=False, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def _read_config_dict(path_or_config: Any) -> dict[str, Any] | None:
@@ -105,6 +134,7 @@ def load_baichuan_tokenizer(path: str | os.PathLike, **kwargs: Any) -> BaichuanT
 
 
 __all__ = [
+    "AUTO_MAP",
     "BaichuanConfig",
     "BaichuanForCausalLM",
     "BaichuanForSequenceClassification",
@@ -119,4 +149,5 @@ __all__ = [
     "is_baichuan_config",
     "load_baichuan_tokenizer",
     "register_baichuan",
+    "write_standalone_code",
 ]

@@ -13,6 +13,7 @@ vocabulary is Baichuan2's 125696 pieces.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from huggingface_hub.dataclasses import strict
@@ -37,6 +38,23 @@ def detect_use_norm_head(config_dict: dict[str, Any]) -> bool:
         and config_dict["z_loss_weight"] is not None
         or (config_dict.get("vocab_size") == BAICHUAN2_VOCAB_SIZE)
     )
+
+
+def alibi_slopes(num_heads: int) -> list[float]:
+    """ALiBi slopes exactly as the original `_get_interleave` computes them (same float operations).
+
+    Here, beside the config, so that every runtime of this family (transformers, our vLLM plugin) reads one copy.
+    """
+
+    def power_of_two(n: int) -> list[float]:
+        start = 2 ** (-(2 ** -(math.log2(n) - 3)))
+        ratio = start
+        return [start * ratio**i for i in range(n)]
+
+    if math.log2(num_heads).is_integer():
+        return power_of_two(num_heads)
+    closest = 2 ** math.floor(math.log2(num_heads))
+    return power_of_two(closest) + alibi_slopes(2 * closest)[0::2][: num_heads - closest]
 
 
 def _normalise_gradient_checkpointing(value: Any) -> bool | None:
@@ -162,4 +180,4 @@ class BaichuanConfig(PreTrainedConfig):
         return output
 
 
-__all__ = ["BaichuanConfig", "detect_use_alibi", "detect_use_norm_head"]
+__all__ = ["BaichuanConfig", "alibi_slopes", "detect_use_alibi", "detect_use_norm_head"]

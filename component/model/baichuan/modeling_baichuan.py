@@ -21,7 +21,6 @@ Differences from the hub code that do not change results:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import fields as dataclass_fields
 from typing import Any
@@ -39,7 +38,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.utils import logging
 
 from ..packed_attention import SEGMENT_ATTENTION, packed_lengths
-from .configuration_baichuan import BaichuanConfig
+from .configuration_baichuan import BaichuanConfig, alibi_slopes
 
 try:  # transformers >= 5: detects restarting position_ids (padding-free packing)
     from transformers.masking_utils import find_packed_sequence_indices as _hf_find_packed
@@ -52,20 +51,6 @@ logger = logging.get_logger(__name__)
 # ----------------------------------------------------------------------------------------------------------
 # Positional helpers
 # ----------------------------------------------------------------------------------------------------------
-
-
-def alibi_slopes(num_heads: int) -> list[float]:
-    """ALiBi slopes exactly as the original `_get_interleave` computes them (same float operations)."""
-
-    def power_of_two(n: int) -> list[float]:
-        start = 2 ** (-(2 ** -(math.log2(n) - 3)))
-        ratio = start
-        return [start * ratio**i for i in range(n)]
-
-    if math.log2(num_heads).is_integer():
-        return power_of_two(num_heads)
-    closest = 2 ** math.floor(math.log2(num_heads))
-    return power_of_two(closest) + alibi_slopes(2 * closest)[0::2][: num_heads - closest]
 
 
 def find_packed_sequence_indices(position_ids: torch.Tensor) -> torch.Tensor | None:

@@ -1,0 +1,1 @@
+../../component/model/baichuan/configuration_baichuan.py

@@ -1,0 +1,1 @@
+../../component/model/baichuan/tokenization_baichuan.py
