@@ -137,8 +137,9 @@ def register_segment_attention() -> None:
     AttentionMaskInterface.register(SEGMENT_ATTENTION, _segment_mask)
 
 
-def _pretrained(model: nn.Module) -> nn.Module:
-    """The transformers model under DDP / compile / PEFT wrappers."""
+def base_causal_lm(model: nn.Module) -> nn.Module:
+    """The transformers causal LM under DDP / DeepSpeed / compile and PEFT wrappers."""
+    # DDP, DataParallel and DeepSpeed's engine keep the model as `.module`; torch.compile as `._orig_mod`
     while isinstance(getattr(model, "module", None), nn.Module) or hasattr(model, "_orig_mod"):
         model = model.module if isinstance(getattr(model, "module", None), nn.Module) else model._orig_mod
     if hasattr(model, "get_base_model") and hasattr(model, "peft_config"):
@@ -150,7 +151,7 @@ def segment_attention_unsupported(model: nn.Module | None) -> str | None:
     """Why `model` cannot run `sdpa_segments` (a sentence), or None when it can."""
     if model is None:
         return None  # what load_model loads by default: an SDPA model
-    core = _pretrained(model)
+    core = base_causal_lm(model)
     config = getattr(core, "config", None)
     implementation = getattr(config, "_attn_implementation", None)
     if implementation == SEGMENT_ATTENTION:
@@ -170,7 +171,7 @@ def segment_attention_unsupported(model: nn.Module | None) -> str | None:
 def use_segment_attention(model: nn.Module) -> None:
     """Switch a (wrapped) transformers model to `sdpa_segments`; see `segment_attention_unsupported` first."""
     register_segment_attention()
-    core = _pretrained(model)
+    core = base_causal_lm(model)
     if core.config._attn_implementation != SEGMENT_ATTENTION:
         core.set_attn_implementation(SEGMENT_ATTENTION)
         logger.info("Attention: %s (packed rows attend per sequence)", SEGMENT_ATTENTION)

@@ -33,18 +33,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers.integrations import is_deepspeed_zero3_enabled
 
+from component.model.packed_attention import base_causal_lm
+
 IGNORE_INDEX = -100
 DEFAULT_CHUNK_SIZE = 1024
-
-
-def base_causal_lm(model: nn.Module) -> nn.Module:
-    """The transformers causal LM under DDP / DeepSpeed / compile and PEFT wrappers."""
-    # DDP, DataParallel and DeepSpeed's engine keep the model as `.module`; torch.compile as `._orig_mod`
-    while isinstance(getattr(model, "module", None), nn.Module) or hasattr(model, "_orig_mod"):
-        model = model.module if isinstance(getattr(model, "module", None), nn.Module) else model._orig_mod
-    if hasattr(model, "get_base_model") and hasattr(model, "peft_config"):
-        model = model.get_base_model()
-    return model
 
 
 @dataclass

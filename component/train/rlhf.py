@@ -31,13 +31,13 @@ from component.data.conversation import Conversation, Turn
 from component.data.template import Template
 from component.inference.engine import clean_answer, generate_kwargs
 from component.inference.scoring import RewardScorer
+from component.model.packed_attention import base_causal_lm
 from component.train.batching import attends_per_sequence
 from component.train.dpo import as_reference, unwrap
 from component.train.guards import ReliableTrainerMixin
 from component.train.lm_head import (
     DEFAULT_CHUNK_SIZE,
     OutputHead,
-    base_causal_lm,
     decoder_hidden_states,
     token_entropies,
     token_logprobs,
