@@ -30,6 +30,7 @@ from component.config.training import TRAIN_ARGS_FLAG, recipe_fields
 from component.data.prompts import prepare_prompt_data, write_prompts_jsonl
 from component.inference.scoring import load_reward_scorer
 from component.model.loader import load_model
+from component.train.batching import use_packed_attention
 from component.train.lm_head import ChunkSize
 from component.train.recipe import finish_training, record_data, resolve_resume, start_recipe
 from component.train.reference import REFERENCE_ADAPTER
@@ -63,6 +64,7 @@ def main(argv: list[str], callbacks: list | None = None) -> RLTrainer | None:
     settings = resolve_settings(args.generation_preset, overrides)
     set_seed(training_args.seed)
     model = load_model(args, training_args.gradient_checkpointing)
+    use_packed_attention(args, model)  # the loss and reference passes run the rollout as one packed row
     reference = "adapter_off"
     if args.adapter_name_or_path:  # KL to the SFT policy being continued, not to the bare base
         model.load_adapter(args.adapter_name_or_path, adapter_name=REFERENCE_ADAPTER, is_trainable=False)

@@ -62,6 +62,21 @@ def firefly_records(count: int, seed: int = 0, median: int = 300, sigma: float =
     rng = random.Random(seed)
     lengths = [min(longest, max(40, int(math.exp(rng.gauss(math.log(median), sigma))))) for _ in range(count)]
     lengths[rng.randrange(count)] = longest  # the long tail, whatever the seed drew
+    return records_of_lengths(rng, lengths)
+
+
+def uniform_records(count: int, seed: int = 0, shortest: int = 40, longest: int = 1024) -> list:
+    """Firefly-layout records whose tokenized lengths are spread evenly from `shortest` to `longest`."""
+    rng = random.Random(seed)
+    return records_of_lengths(rng, [rng.randint(shortest, longest) for _ in range(count)])
+
+
+# --data of the SFT benchmarks: a long-tailed spread (most examples short, a few long) and an even one.
+DATASETS = {"longtail": firefly_records, "uniform": uniform_records}
+
+
+def records_of_lengths(rng: random.Random, lengths: list[int]) -> list:
+    """One Firefly record (`kind`, `input`, `target`) per total length in byte tokens, the prompt 15-45% of it."""
     records = []
     for total in lengths:
         body = total - TEMPLATE_OVERHEAD

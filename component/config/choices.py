@@ -13,6 +13,9 @@ GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
 ONNX_DTYPES = ("float32", "float16")
 GENERATION_BACKENDS = ("torch", "onnxruntime")  # generate.py: PyTorch model, or an export.py --format onnx folder
 LOGITS_PATHS = ("chunked", "model")  # train.lm_head: label positions in chunks, or the model's own forward
+# How a packed row attends (train.batching): SDPA per sequence, or a row x row block-diagonal mask; null = the fastest
+# exact one the model runs (a varlen kernel, else segments, else the mask).
+PACKED_ATTENTIONS = ("segments", "mask", None)
 
 SFT_FORMATS = ("belle", "firefly", "moss", "moss_firefly", "safety_prompts", "alpaca", "sharegpt", "openai")
 PREFERENCE_FORMATS = (

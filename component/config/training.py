@@ -25,6 +25,7 @@ from component.config.choices import (
     LOGITS_PATHS,
     MOSS_TOOL_MODES,
     NONFINITE_MODES,
+    PACKED_ATTENTIONS,
     QUANTIZATIONS,
     RL_ALGORITHMS,
     TEMPLATES,
@@ -75,11 +76,20 @@ class FinetuneArguments:
         default=None,
         metadata={"help": "Padding-free packed batches; null = pack unless group_by_length (docs/throughput.md)."},
     )
+    packed_attention: str | None = field(
+        default=None,
+        metadata=choices(
+            *PACKED_ATTENTIONS,
+            help="How a packed row attends: segments (SDPA per sequence, one flat row per batch) or mask (a "
+            "block-diagonal row x row mask, rows of packing_row_tokens); null = the fastest exact path the model "
+            "has (flash-attention's varlen kernel, else segments, else mask). docs/throughput.md.",
+        ),
+    )
     packing_row_tokens: int | None = field(
         default=None,
         metadata={
-            "help": "Token budget of one packed row where attention has no varlen kernel; null = the batch's "
-            "longest example (a varlen kernel gets one flat row per batch)."
+            "help": "Token budget of one packed row under packed_attention mask; null = the batch's longest "
+            "example (segments and varlen kernels get one flat row per batch)."
         },
     )
     group_by_length: bool = field(

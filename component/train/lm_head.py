@@ -40,6 +40,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.integrations import is_deepspeed_zero3_enabled
 
+from component.model.packed_attention import base_causal_lm
+
 IGNORE_INDEX = -100
 DEFAULT_CHUNK_SIZE = 1024
 DEFAULT_CHUNK_MIB = 256.0
@@ -67,16 +69,6 @@ class ChunkSize:
         if self.mib is None:
             return self.rows
         return max(1, min(self.rows, int(self.mib * 2**20) // (4 * vocab_size)))
-
-
-def base_causal_lm(model: nn.Module) -> nn.Module:
-    """The transformers causal LM under DDP / DeepSpeed / compile and PEFT wrappers."""
-    # DDP, DataParallel and DeepSpeed's engine keep the model as `.module`; torch.compile as `._orig_mod`
-    while isinstance(getattr(model, "module", None), nn.Module) or hasattr(model, "_orig_mod"):
-        model = model.module if isinstance(getattr(model, "module", None), nn.Module) else model._orig_mod
-    if hasattr(model, "get_base_model") and hasattr(model, "peft_config"):
-        model = model.get_base_model()
-    return model
 
 
 @dataclass

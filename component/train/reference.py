@@ -23,6 +23,7 @@ from component.config.choices import REFERENCE_FREE_LOSSES
 from component.config.training import DPOArguments
 from component.data.pipeline import PreparedData
 from component.model.loader import load_pretrained
+from component.model.packed_attention import SEGMENT_ATTENTION, use_segment_attention
 from component.train.dpo import precompute_reference_logps
 from component.train.lm_head import ChunkSize
 
@@ -56,6 +57,8 @@ def choose_reference(
             args.model_name_or_path, dtype=torch.float32, trust_remote_code=args.trust_remote_code
         )
         reference.requires_grad_(False).eval().to(training_args.device)
+        if model.config._attn_implementation == SEGMENT_ATTENTION:  # packed pairs attend per sequence in both
+            use_segment_attention(reference)
         logger.info("Reference: a frozen copy of %s", args.model_name_or_path)
         return reference
     logger.info("Reference: the base model (the LoRA adapter switched off)")

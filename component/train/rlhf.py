@@ -31,6 +31,8 @@ from component.data.conversation import Conversation, Turn
 from component.data.template import Template
 from component.inference.engine import clean_answer, generate_kwargs
 from component.inference.scoring import RewardScorer
+from component.model.packed_attention import base_causal_lm
+from component.train.batching import attends_per_sequence
 from component.train.dpo import as_reference, unwrap
 from component.train.guards import ReliableTrainerMixin
 from component.train.lm_head import (
@@ -93,6 +95,22 @@ class CompletionStats(NamedTuple):
     values: torch.Tensor | None  # [N, C] PPO's value of the state before each completion token
 
 
+def rollout_hidden_states(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The decoder's last hidden states [N, T, H] of a rollout batch (left-padded prompts + right-padded completions).
+
+    Where the model attends per sequence (`sdpa_segments`, a varlen kernel), the rows run as one flat packed row of
+    their real tokens, positions restarting per row: no padding work, the same states at every real position
+    (zeros at padding, which nothing reads).
+    """
+    inputs = {key: batch[key] for key in ("input_ids", "attention_mask", "position_ids")}
+    if not attends_per_sequence(base_causal_lm(model)):
+        return decoder_hidden_states(model, inputs)
+    real = inputs["attention_mask"].bool()
+    flat = {"input_ids": inputs["input_ids"][real][None], "position_ids": inputs["position_ids"][real][None]}
+    states = decoder_hidden_states(model, flat)[0]
+    return states.new_zeros((*real.shape, states.shape[-1])).index_put((real,), states)
+
+
 def completion_logps(
     model: nn.Module,
     batch: dict[str, torch.Tensor],
@@ -104,8 +122,7 @@ def completion_logps(
     """Per-token log-probs of the completion tokens from one decoder pass, of the logits / `temperature` (the
     distribution sampled from); with `entropy`, the per-token entropy; with a `value_head`, its values on the same
     hidden states. Logits only at completion positions, in chunks."""
-    inputs = {key: batch[key] for key in ("input_ids", "attention_mask", "position_ids")}
-    hidden = decoder_hidden_states(model, inputs)
+    hidden = rollout_hidden_states(model, batch)
     prompt = batch["input_ids"].shape[1] - batch["completion_ids"].shape[1]
     mask = batch["completion_mask"].bool()
     states = hidden[:, prompt - 1 : -1][mask]  # position t predicts token t + 1

@@ -5,7 +5,8 @@
 - `build_baichuan`: the four Baichuan variants as hub folders (hub config spelling, `auto_map`, weight names
   `W_pack` and an unnormalised `lm_head`), with the real Baichuan2 tokenizer (125696 pieces) in
   tests/fixtures. Baichuan-1 configs say `use_norm_head: false` because that vocabulary size alone would mean
-  Baichuan2. `layers=None` gives what llama.cpp needs: 32 layers for RoPE, 40 for ALiBi.
+  Baichuan2 (a test that runs no tokenizer may shrink `vocab_size`). `layers=None` gives what llama.cpp needs:
+  32 layers for RoPE, 40 for ALiBi.
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ QWEN2_REGEX = (
 )
 
 
-def build_baichuan(folder: Path, variant: str, layers: int | None = None, hidden: int = 32, seed: int = 0) -> Path:
+def build_baichuan(
+    folder: Path, variant: str, layers: int | None = None, hidden: int = 32, seed: int = 0, vocab_size: int = 125696
+) -> Path:
     from component.model.baichuan import BaichuanConfig, BaichuanForCausalLM
 
     architecture, alibi, norm_head = BAICHUAN_VARIANTS[variant]
@@ -46,7 +49,7 @@ def build_baichuan(folder: Path, variant: str, layers: int | None = None, hidden
         "intermediate_size": 2 * hidden,
         "num_attention_heads": 2,
         "num_hidden_layers": layers or (40 if alibi else 32),
-        "vocab_size": 125696,
+        "vocab_size": vocab_size,  # a smaller one only where no tokenizer runs (the variant keys say NormHead or not)
         "rms_norm_eps": 1e-6,
         "hidden_act": "silu",
         "pad_token_id": 0,

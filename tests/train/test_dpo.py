@@ -17,6 +17,7 @@ from component.data.collators import PairCollator
 from component.data.conversation import PreferencePair
 from component.data.pairwise import encode_pair
 from component.data.template import IGNORE_INDEX, get_template
+from component.model.packed_attention import use_segment_attention
 from component.train.dpo import preference_loss, sequence_logps
 from component.train.lm_head import OutputHead, token_logprobs
 from tests.utils import REPO, shipped_config
@@ -68,14 +69,16 @@ def test_labels_cover_each_reply_and_its_eos_only(demo_tokenizer):
 
 
 # --- log-probs --------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("layout", ["padded", "rows-of-64", "one-flat-row"])
+@pytest.mark.parametrize("layout", ["padded", "rows-of-64", "one-flat-row", "one-flat-row-segments"])
 def test_sequence_logps_equal_one_sequence_at_a_time(tiny_llama_dir, demo_tokenizer, layout):
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    if layout.endswith("segments"):  # the default: SDPA per sequence (model.packed_attention)
+        use_segment_attention(model)
     features = pair_features(demo_tokenizer)
     collator = PairCollator(
         demo_tokenizer.pad_token_id,
         packing=layout != "padded",
-        row_tokens={"rows-of-64": 64, "one-flat-row": None}.get(layout),
+        row_tokens={"rows-of-64": 64}.get(layout),
         attention_mask=False,
     )
     batch = collator(features)
@@ -105,8 +108,9 @@ def test_chunked_token_logps_gradients_equal_full_logits():
     torch.testing.assert_close(grads[1], head.weight.grad)
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "sdpa_segments"])
 @pytest.mark.parametrize("variant", ["baichuan_13b", "baichuan2_7b"])
-def test_baichuan_packed_logps_equal_one_sequence_at_a_time(variant, demo_tokenizer):
+def test_baichuan_packed_logps_equal_one_sequence_at_a_time(variant, attention, demo_tokenizer):
     from component.model.baichuan import BaichuanConfig, BaichuanForCausalLM
 
     torch.manual_seed(0)
@@ -121,6 +125,8 @@ def test_baichuan_packed_logps_equal_one_sequence_at_a_time(variant, demo_tokeni
         use_norm_head=variant == "baichuan2_7b",
     )
     model = BaichuanForCausalLM(config).eval()
+    if attention == "sdpa_segments":
+        use_segment_attention(model)
     features = pair_features(demo_tokenizer)
     batch = PairCollator(demo_tokenizer.pad_token_id, packing=True, row_tokens=None, attention_mask=False)(features)
     with torch.no_grad():

@@ -18,7 +18,16 @@ from component.config.training import build_arguments
 from component.data.collators import PackingCollator, PaddingCollator, pack_rows
 from component.data.conversation import Conversation, Turn
 from component.data.template import IGNORE_INDEX, get_template
-from component.train.batching import Batching, make_collator, packing_row_tokens, resolve_batching, use_packing
+from component.model.packed_attention import SEGMENT_ATTENTION
+from component.train.batching import (
+    Batching,
+    attends_per_sequence,
+    make_collator,
+    packed_attention,
+    packing_row_tokens,
+    resolve_batching,
+    use_packing,
+)
 from tests.utils import FIXTURES
 
 # (prompt tokens, reply tokens): very different lengths, one example with a single label token, one trained from
@@ -232,11 +241,29 @@ class _FlashModel:
         _attn_implementation = "flash_attention_2"
 
 
-def test_default_without_a_varlen_kernel_packs_rows_of_the_longest_example(tmp_path, tiny_llama_dir, tiny_llama):
+def test_default_without_a_varlen_kernel_is_one_flat_row_attended_per_sequence(tmp_path, tiny_llama_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)  # SDPA, as load_model loads
     args, training_args = _args(tmp_path, tiny_llama_dir)
-    assert (args.packing, args.group_by_length) == (None, False)
-    assert use_packing(args, training_args, tiny_llama) is True
+    assert (args.packing, args.group_by_length, args.packed_attention) == (None, False, None)
+    assert packed_attention(args, model) == "segments"
+    assert use_packing(args, training_args, model) is True
+    assert model.config._attn_implementation == SEGMENT_ATTENTION  # switched by use_packing
     assert training_args.train_sampling_strategy == "random"  # the same examples per step as padded batches
+    collator = make_collator(args, training_args, _Tokenizer(), True, model)
+    assert isinstance(collator, PackingCollator) and collator.row_tokens is None
+    examples = make_examples(100)
+    batch = collator(examples)
+    assert batch["input_ids"].shape == (1, sum(len(e["input_ids"]) for e in examples))  # no padding at all
+    assert attends_per_sequence(model)
+
+
+def test_packed_attention_mask_keeps_rows_of_the_longest_example(tmp_path, tiny_llama_dir, tiny_llama):
+    tiny_llama.set_attn_implementation("sdpa")
+    args, training_args = _args(tmp_path, tiny_llama_dir, packed_attention="mask")
+    assert use_packing(args, training_args, tiny_llama) is True
+    assert tiny_llama.config._attn_implementation == "sdpa"  # not switched
     collator = make_collator(args, training_args, _Tokenizer(), True, tiny_llama)
     assert isinstance(collator, PackingCollator) and collator.row_tokens == "longest"
     examples = make_examples(100)
@@ -244,6 +271,22 @@ def test_default_without_a_varlen_kernel_packs_rows_of_the_longest_example(tmp_p
     longest = max(len(e["input_ids"]) for e in examples)
     assert batch["input_ids"].shape[1] == longest  # never wider than the same batch padded
     assert batch["input_ids"].numel() < len(examples) * longest
+    args, _ = _args(tmp_path, tiny_llama_dir, packed_attention="mask", packing_row_tokens=256)
+    assert packing_row_tokens(args, tiny_llama) == 256
+
+
+def test_packed_attention_segments_names_why_a_model_cannot(tmp_path, tiny_llama_dir, tiny_llama):
+    args, _ = _args(tmp_path, tiny_llama_dir, packed_attention="segments")
+    tiny_llama.config._attn_implementation_internal = "flex_attention"
+    try:
+        with pytest.raises(ConfigError, match="packed_attention: 'segments' cannot run here: .*flex_attention"):
+            packed_attention(args, tiny_llama)
+        args, _ = _args(tmp_path, tiny_llama_dir)
+        assert packed_attention(args, tiny_llama) == "mask"  # null: the fastest exact path it has
+    finally:
+        tiny_llama.set_attn_implementation("sdpa")
+    with pytest.raises(ConfigError, match="packed_attention"):
+        _args(tmp_path, tiny_llama_dir, packed_attention="flat")
 
 
 def test_default_with_a_varlen_kernel_is_one_flat_packed_row(tmp_path, tiny_llama_dir, monkeypatch):
@@ -251,9 +294,9 @@ def test_default_with_a_varlen_kernel_is_one_flat_packed_row(tmp_path, tiny_llam
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # after TrainingArguments picked its device
     batching = resolve_batching(args, training_args, _FlashModel())
     assert (batching.packing, batching.group_by_length) == (True, False)
+    assert packed_attention(args, _FlashModel()) == "varlen"
     collator = make_collator(args, training_args, _Tokenizer(), True, _FlashModel())
     assert isinstance(collator, PackingCollator) and collator.row_tokens is None  # flash reads one flat row only
-    assert packing_row_tokens(args, None) == 256  # SDPA: the configured budget
 
 
 def test_explicit_keys_win(tmp_path, tiny_llama_dir):

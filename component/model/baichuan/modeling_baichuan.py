@@ -14,7 +14,9 @@ Differences from the hub code that do not change results:
   and never rewrites the stored weight.
 - Attention goes through transformers' attention interface (`sdpa` by default, or `eager`), always with the
   model's own additive bias (ALiBi, padding, left padding, packed batches) as the mask, and transformers 5
-  Cache objects. Flash attention is refused: it cannot take an additive 4D bias.
+  Cache objects. Flash attention is refused: it cannot take an additive 4D bias. Under `sdpa_segments`
+  (component/model/packed_attention.py) a packed row attends per sequence instead of through a row x row bias:
+  causal SDPA for RoPE, each segment's block of one causal ALiBi bias for ALiBi.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.utils import logging
 
+from ..packed_attention import SEGMENT_ATTENTION, packed_lengths
 from .configuration_baichuan import BaichuanConfig, alibi_slopes
 
 try:  # transformers >= 5: detects restarting position_ids (padding-free packing)
@@ -158,6 +161,15 @@ def eager_attention_forward(
     return attn_output, attn_weights
 
 
+def _in_dtype(bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """The additive bias in the attention's dtype: e.g. fp32 embeddings (peft upcasts them for k-bit training)
+    feeding bf16 projections; clamped because fp32's lowest value rounds to -inf in bf16 and fully masked rows
+    would turn into NaN."""
+    if bias is None or bias.dtype == dtype:
+        return bias
+    return bias.to(dtype).clamp_min(torch.finfo(dtype).min)
+
+
 class BaichuanAttention(nn.Module):
     """Multi-head attention with the fused `W_pack` projection (rows q | k | v)."""
 
@@ -181,6 +193,7 @@ class BaichuanAttention(nn.Module):
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         cache: Cache | None = None,
         output_attentions: bool = False,
+        segments: dict[str, Any] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         bsz, q_len, _ = hidden_states.shape
         proj = self.W_pack(hidden_states).view(bsz, q_len, 3, self.num_heads, self.head_dim)
@@ -192,10 +205,9 @@ class BaichuanAttention(nn.Module):
 
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)
-        if attention_bias is not None and attention_bias.dtype != query.dtype:
-            # e.g. fp32 embeddings (peft upcasts them for k-bit training) feeding bf16 projections; clamp
-            # because fp32's lowest value rounds to -inf in bf16 and fully masked rows would turn into NaN.
-            attention_bias = attention_bias.to(query.dtype).clamp_min(torch.finfo(query.dtype).min)
+        attention_bias = _in_dtype(attention_bias, query.dtype)
+        if segments is not None and segments["segment_bias"] is not None:
+            segments = {**segments, "segment_bias": _in_dtype(segments["segment_bias"], query.dtype)}
 
         # The bias (ALiBi, padding, packed segments) is the mask. Without one, SDPA uses is_causal (top-left
         # aligned), right because the model only leaves the bias out when q_len == kv_len or q_len == 1.
@@ -206,7 +218,7 @@ class BaichuanAttention(nn.Module):
                 self.config._attn_implementation, eager_attention_forward
             )
         attn_output, attn_weights = attention_interface(
-            self, query, key, value, attention_bias, dropout=0.0, scaling=self.scaling
+            self, query, key, value, attention_bias, dropout=0.0, scaling=self.scaling, **(segments or {})
         )
         attn_output = attn_output.reshape(bsz, q_len, self.hidden_size)
         return self.o_proj(attn_output), attn_weights
@@ -228,6 +240,7 @@ class BaichuanDecoderLayer(GradientCheckpointingLayer):
         cache: Cache | None = None,
         use_cache: bool = False,
         output_attentions: bool = False,
+        segments: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
         residual = hidden_states
@@ -237,6 +250,7 @@ class BaichuanDecoderLayer(GradientCheckpointingLayer):
             position_embeddings=position_embeddings,
             cache=cache,
             output_attentions=output_attentions,
+            segments=segments,
         )
         hidden_states = residual + hidden_states
         hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
@@ -400,6 +414,27 @@ class BaichuanModel(BaichuanPreTrainedModel):
             bias = bias.masked_fill(query_is_pad[:, None, :, None], min_value)
         return bias.contiguous()
 
+    def _segments(
+        self,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor,
+        batch_size: int,
+        q_len: int,
+        past_len: int,
+        dtype: torch.dtype,
+    ) -> dict[str, Any] | None:
+        """For a packed row under `sdpa_segments`: the attention's per-segment arguments (segment lengths, and for
+        ALiBi one causal ALiBi bias as long as the longest segment, whose top-left block serves each); else None."""
+        if attention_mask is not None or past_len or q_len == 1:
+            return None
+        lengths = packed_lengths(position_ids.expand(batch_size, -1))
+        if lengths is None:
+            return None
+        longest = max(max(row) for row in lengths)
+        plain = torch.arange(longest, device=position_ids.device)[None]
+        bias = self._attention_bias(None, plain, 1, longest, 0, dtype, position_ids.device)  # None for RoPE
+        return {"position_ids": position_ids, "segment_lengths": lengths, "segment_bias": bias}
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -453,9 +488,14 @@ class BaichuanModel(BaichuanPreTrainedModel):
             # position_ids changes nothing but rounding; generate() passes mask-derived position_ids anyway.
             position_ids = torch.arange(past_len, past_len + q_len, device=device).unsqueeze(0)
 
-        attention_bias = self._attention_bias(
-            attention_mask, position_ids, batch_size, q_len, past_len, inputs_embeds.dtype, device
-        )
+        segments = None
+        if self.config._attn_implementation == SEGMENT_ATTENTION and not output_attentions:
+            segments = self._segments(attention_mask, position_ids, batch_size, q_len, past_len, inputs_embeds.dtype)
+        attention_bias = None
+        if segments is None:
+            attention_bias = self._attention_bias(
+                attention_mask, position_ids, batch_size, q_len, past_len, inputs_embeds.dtype, device
+            )
         position_embeddings = self.rotary_emb(position_ids) if self.rotary_emb is not None else None
 
         hidden_states = inputs_embeds
@@ -471,6 +511,7 @@ class BaichuanModel(BaichuanPreTrainedModel):
                 cache=cache,
                 use_cache=use_cache,
                 output_attentions=output_attentions,
+                segments=segments,
             )
             if output_attentions:
                 hidden_states, weights = layer_out
