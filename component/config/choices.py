@@ -32,3 +32,5 @@ REFERENCE_FREE_LOSSES = ("simpo", "orpo")
 
 # Online RL algorithms (docs/rlhf.md).
 RL_ALGORITHMS = ("grpo", "rloo", "ppo")
+ROLLOUT_ENGINES = ("transformers", "vllm")
+VLLM_DTYPES = ("auto", "bfloat16", "float16", "float32")
