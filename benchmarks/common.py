@@ -11,6 +11,7 @@ import random
 import resource
 import statistics
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -159,3 +160,107 @@ def current_rss_kib() -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     return 0
+
+
+# --- greedy decoding speed (onnx_latency.py, serving_latency.py) -------------------------------------------------
+def random_prompts(batch: int, length: int, vocab: int) -> list[list[int]]:
+    """`batch` prompts of `length` random token ids in [3, vocab), the same ones for a given batch size."""
+    import numpy as np
+
+    rng = np.random.default_rng(batch)
+    return [rng.integers(3, vocab, length).tolist() for _ in range(batch)]
+
+
+def torch_greedy(model, batch: list[list[int]], new_tokens: int) -> list[list[int]]:
+    """transformers' generate() as generate.py's engine calls it (greedy, KV cache), exactly `new_tokens` each."""
+    import torch
+
+    with torch.inference_mode():
+        ids = torch.tensor(batch)
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            pad_token_id=0,
+        )
+    return out[:, ids.shape[1] :].tolist()
+
+
+def onnx_greedy(decoder, batch: list[list[int]], new_tokens: int) -> list[list[int]]:
+    """Our onnxruntime engine's loop (`OnnxDecoder.generate`), greedy, no stop tokens: exactly `new_tokens` each."""
+    import numpy as np
+
+    from component.config.generation import resolve_settings
+
+    settings = resolve_settings("greedy", {"max_new_tokens": new_tokens})
+    return decoder.generate(batch, settings, new_tokens, 0, [], np.random.default_rng(0)).tolist()
+
+
+def timed_generations(
+    prefill: Callable[[list[list[int]]], object],
+    generate: Callable[[list[list[int]]], list[list[int]]],
+    batches: dict[str, list[list[int]]],
+) -> dict[str, dict]:
+    """Per batch size: one warm-up generation (first-run allocations, kernel choices), then the prefill alone and
+    the whole generation timed; {"seconds", "prefill_seconds", "tokens"}."""
+    results = {}
+    for size, batch in batches.items():
+        generate(batch)
+        started = time.perf_counter()
+        prefill(batch)
+        prefill_seconds = time.perf_counter() - started
+        started = time.perf_counter()
+        tokens = generate(batch)
+        results[size] = {"seconds": time.perf_counter() - started, "prefill_seconds": prefill_seconds, "tokens": tokens}
+    return results
+
+
+def speed_rows(runs: dict[str, list[dict]], labels: dict[str, str], new_tokens: int) -> list[tuple]:
+    """(batch, label, tokens/s, vs the first mode, prefill ms, generation s, tokens = the first mode's) per batch size
+    and mode, from medians over the runs; the first mode (PyTorch) is the reference."""
+    modes = list(runs)
+    rows = []
+    for size in runs[modes[0]][0]:
+        if not isinstance(runs[modes[0]][0][size], dict):
+            continue
+        reference = runs[modes[0]][0][size]["tokens"]
+        seconds = {mode: statistics.median(run[size]["seconds"] for run in runs[mode]) for mode in modes}
+        for mode in modes:
+            rate = int(size) * new_tokens / seconds[mode]
+            prefill = statistics.median(run[size]["prefill_seconds"] for run in runs[mode])
+            same = "yes" if runs[mode][0][size]["tokens"] == reference else "no"
+            rows.append(
+                (size, labels[mode], rate, seconds[modes[0]] / seconds[mode], prefill * 1000, seconds[mode], same)
+            )
+    return rows
+
+
+def compare_speeds(
+    modes: list[str],
+    repeats: int,
+    command_of: Callable[[str], list[str]],
+    labels: dict[str, str],
+    new_tokens: int,
+    settings: str,
+    json_path: Path | None = None,
+) -> None:
+    """The runs of `modes` (interleaved_runs, load averages around them), then the machine, `settings` and the
+    table of speed_rows, the first mode the reference; every run and the table also to `json_path`."""
+    print(f"load average before: {load_average()}", flush=True)
+    runs = interleaved_runs(
+        modes,
+        repeats,
+        command_of,
+        lambda run: ", ".join(f"batch {size} {r['seconds']:.2f} s" for size, r in run.items() if isinstance(r, dict)),
+    )
+    print(f"load average after: {load_average()}")
+    rows = speed_rows(runs, labels, new_tokens)
+    print(f"\n{machine()}; {settings}, median of {repeats}\n")
+    print(f"| batch | runtime | tokens/s | vs {modes[0]} | prefill ms | generation s | tokens = {modes[0]}'s |")
+    print("|---:|---|---:|---:|---:|---:|---|")
+    for size, label, rate, ratio, prefill_ms, seconds, same in rows:
+        print(f"| {size} | {label} | {rate:.1f} | {ratio:.2f}x | {prefill_ms:.1f} | {seconds:.2f} | {same} |")
+    if json_path:
+        json_path.write_text(json.dumps({"runs": runs, "table": rows}, indent=2), encoding="utf-8")

@@ -18,25 +18,23 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common import MODEL_CONFIG, load_average, machine, run_worker  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    MODEL_CONFIG,
+    compare_speeds,
+    onnx_greedy,
+    random_prompts,
+    timed_generations,
+    torch_greedy,
+)
 
 MODES = {"torch_eager": "PyTorch eager (transformers generate)", "onnxruntime": "onnxruntime (exported graph)"}
-
-
-def prompts(batch: int, length: int, vocab: int) -> list[list[int]]:
-    import numpy as np
-
-    rng = np.random.default_rng(batch)
-    return [rng.integers(3, vocab, length).tolist() for _ in range(batch)]
 
 
 def build_model(workdir: Path, vocab: int) -> None:
@@ -56,26 +54,21 @@ def build_model(workdir: Path, vocab: int) -> None:
 
 
 def run_mode(mode: str, workdir: Path, options: argparse.Namespace) -> dict:
-    """Seconds of the prefill and of the whole generation, per batch size, in this process."""
-    results = {}
+    """Per batch size, in this process: seconds of the prefill and of the whole generation, and the tokens."""
+    batches = {str(size): random_prompts(size, options.prompt, options.vocab) for size in options.batch_sizes}
     if mode == "onnxruntime":
         import numpy as np
 
-        from component.config.generation import resolve_settings
         from component.inference.onnx_engine import OnnxDecoder
 
         decoder = OnnxDecoder(workdir / "onnx", threads=options.threads or None)
-        settings = resolve_settings("greedy", {"max_new_tokens": options.new_tokens})
 
         def prefill(batch):
             ids = np.array(batch, dtype=np.int64)
             mask = np.ones_like(ids)
             decoder.step(ids, mask, mask.cumsum(-1) - 1, decoder.empty_cache(len(batch)))
 
-        def generate(batch):
-            out = decoder.generate(batch, settings, options.new_tokens, 0, [], np.random.default_rng(0))
-            assert out.shape == (len(batch), options.new_tokens)
-
+        results = timed_generations(prefill, lambda batch: onnx_greedy(decoder, batch, options.new_tokens), batches)
     else:
         import torch
         from transformers import AutoModelForCausalLM
@@ -88,31 +81,8 @@ def run_mode(mode: str, workdir: Path, options: argparse.Namespace) -> dict:
             with torch.inference_mode():
                 model(input_ids=torch.tensor(batch), use_cache=True)
 
-        def generate(batch):
-            with torch.inference_mode():
-                ids = torch.tensor(batch)
-                out = model.generate(
-                    input_ids=ids,
-                    attention_mask=torch.ones_like(ids),
-                    do_sample=False,
-                    max_new_tokens=options.new_tokens,
-                    min_new_tokens=options.new_tokens,
-                    pad_token_id=0,
-                )
-            assert out.shape == (len(batch), ids.shape[1] + options.new_tokens)
-
-    for size in options.batch_sizes:
-        batch = prompts(size, options.prompt, options.vocab)
-        generate(batch)  # warm-up: first-run allocations, onnxruntime's kernel choices
-        started = time.perf_counter()
-        prefill(batch)
-        prefill_seconds = time.perf_counter() - started
-        started = time.perf_counter()
-        generate(batch)
-        seconds = time.perf_counter() - started
-        results[str(size)] = {"seconds": seconds, "prefill_seconds": prefill_seconds}
-    results["torch_imported"] = "torch" in sys.modules
-    return results
+        results = timed_generations(prefill, lambda batch: torch_greedy(model, batch, options.new_tokens), batches)
+    return {**results, "torch_imported": "torch" in sys.modules}
 
 
 def main(argv: list[str]) -> None:
@@ -143,39 +113,16 @@ def main(argv: list[str]) -> None:
         values = [options.prompt, options.new_tokens, options.vocab, options.threads]
         common = [item for flag, value in zip(forwarded, values) for item in (flag, str(value))]
         common += ["--batch-sizes", *map(str, options.batch_sizes), "--workdir", str(workdir)]
-        runs: dict[str, list[dict]] = {mode: [] for mode in options.modes}
-        print(f"load average before: {load_average()}", flush=True)
-        for repeat in range(options.repeats):
-            order = options.modes[repeat % len(options.modes) :] + options.modes[: repeat % len(options.modes)]
-            for mode in order:
-                run = run_worker([sys.executable, __file__, "--worker", mode, *common], mode)
-                runs[mode].append(run)
-                print(f"repeat {repeat + 1} {mode}: {json.dumps(run)}", flush=True)
-        print(f"load average after: {load_average()}")
-
-    rows = []
-    for size in map(str, options.batch_sizes):
-        medians = {
-            mode: (
-                statistics.median(run[size]["seconds"] for run in runs[mode]),
-                statistics.median(run[size]["prefill_seconds"] for run in runs[mode]),
-            )
-            for mode in options.modes
-        }
-        base = int(size) * options.new_tokens / medians.get("torch_eager", next(iter(medians.values())))[0]
-        for mode, (seconds, prefill) in medians.items():
-            rate = int(size) * options.new_tokens / seconds
-            rows.append((size, MODES[mode], rate, rate / base, prefill * 1000, seconds))
-    print(
-        f"\n{machine()}; prompt {options.prompt}, {options.new_tokens} new tokens, vocab {options.vocab}, "
-        f"threads {options.threads or 'default'}, median of {options.repeats}\n"
-    )
-    print("| batch | mode | tokens/s | vs PyTorch | prefill ms | generation s |")
-    print("|---:|---|---:|---:|---:|---:|")
-    for size, label, rate, ratio, prefill_ms, seconds in rows:
-        print(f"| {size} | {label} | {rate:.1f} | {ratio:.2f}x | {prefill_ms:.1f} | {seconds:.2f} |")
-    if options.json:
-        options.json.write_text(json.dumps({"runs": runs, "table": rows}, indent=2), encoding="utf-8")
+        settings = f"prompt {options.prompt}, {options.new_tokens} new tokens, vocab {options.vocab}"
+        compare_speeds(
+            options.modes,
+            options.repeats,
+            lambda mode: [sys.executable, __file__, "--worker", mode, *common],
+            MODES,
+            options.new_tokens,
+            f"{settings}, threads {options.threads or 'default'}",
+            options.json,
+        )
 
 
 if __name__ == "__main__":

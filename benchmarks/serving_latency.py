@@ -26,17 +26,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common import MODEL_CONFIG, interleaved_runs, load_average, machine  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    MODEL_CONFIG,
+    compare_speeds,
+    onnx_greedy,
+    random_prompts,
+    timed_generations,
+    torch_greedy,
+)
 
 MODES = {
     "torch": "PyTorch (generate.py's engine)",
@@ -44,13 +49,6 @@ MODES = {
     "llamacpp": "llama.cpp (export.py --format gguf, f32)",
     "vllm": "vLLM offline engine (export.py --format hf)",
 }
-
-
-def prompts(batch: int, length: int, vocab: int) -> list[list[int]]:
-    import random
-
-    rng = random.Random(batch)
-    return [[rng.randrange(3, vocab) for _ in range(length)] for _ in range(batch)]
 
 
 def build_model(workdir: Path) -> None:
@@ -74,20 +72,6 @@ def vocab_size(workdir: Path) -> int:
     return json.loads((workdir / "model" / "config.json").read_text(encoding="utf-8"))["vocab_size"]
 
 
-def timed(prefill, generate, batches: dict[str, list[list[int]]]) -> dict:
-    """Per batch size: seconds of the prefill and of the whole generation, and the generated tokens."""
-    results = {}
-    for size, batch in batches.items():
-        generate(batch)  # warm-up: first-run allocations, kernel choices
-        started = time.perf_counter()
-        prefill(batch)
-        prefill_seconds = time.perf_counter() - started
-        started = time.perf_counter()
-        tokens = generate(batch)
-        results[size] = {"seconds": time.perf_counter() - started, "prefill_seconds": prefill_seconds, "tokens": tokens}
-    return results
-
-
 def run_torch(workdir: Path, batches: dict, options: argparse.Namespace) -> dict:
     import torch
 
@@ -95,36 +79,22 @@ def run_torch(workdir: Path, batches: dict, options: argparse.Namespace) -> dict
 
     torch.set_num_threads(options.threads)
     model = load_pretrained(str(workdir / "model"), dtype=torch.float32).eval()
-
-    def generate(batch, new_tokens=options.new_tokens):
-        with torch.inference_mode():
-            ids = torch.tensor(batch)
-            out = model.generate(
-                input_ids=ids,
-                attention_mask=torch.ones_like(ids),
-                do_sample=False,
-                max_new_tokens=new_tokens,
-                min_new_tokens=new_tokens,
-                pad_token_id=0,
-            )
-        return out[:, ids.shape[1] :].tolist()
-
-    return timed(lambda batch: generate(batch, 1), generate, batches)
+    return timed_generations(
+        lambda batch: torch_greedy(model, batch, 1),
+        lambda batch: torch_greedy(model, batch, options.new_tokens),
+        batches,
+    )
 
 
 def run_onnxruntime(workdir: Path, batches: dict, options: argparse.Namespace) -> dict:
-    import numpy as np
-
-    from component.config.generation import resolve_settings
     from component.inference.onnx_engine import OnnxDecoder
 
     decoder = OnnxDecoder(workdir / "onnx", threads=options.threads)
-    settings = resolve_settings("greedy", {"max_new_tokens": options.new_tokens})
-
-    def generate(batch, new_tokens=options.new_tokens):
-        return decoder.generate(batch, settings, new_tokens, 0, [], np.random.default_rng(0)).tolist()
-
-    return timed(lambda batch: generate(batch, 1), generate, batches)
+    return timed_generations(
+        lambda batch: onnx_greedy(decoder, batch, 1),
+        lambda batch: onnx_greedy(decoder, batch, options.new_tokens),
+        batches,
+    )
 
 
 def run_llamacpp(workdir: Path, batches: dict, options: argparse.Namespace) -> dict:
@@ -165,7 +135,7 @@ def run_vllm(workdir: Path, batches: dict, options: argparse.Namespace) -> dict:
         outputs = llm.generate([{"prompt_token_ids": p} for p in batch], params, use_tqdm=False)
         return [list(output.outputs[0].token_ids) for output in outputs]
 
-    return timed(lambda batch: generate(batch, 1), generate, batches)
+    return timed_generations(lambda batch: generate(batch, 1), generate, batches)
 
 
 RUNNERS = {"torch": run_torch, "onnxruntime": run_onnxruntime, "llamacpp": run_llamacpp, "vllm": run_vllm}
@@ -218,7 +188,7 @@ def main(argv: list[str]) -> None:
 
     if options.worker:
         vocab = vocab_size(options.workdir)
-        batches = {str(size): prompts(size, options.prompt, vocab) for size in options.batch_sizes}
+        batches = {str(size): random_prompts(size, options.prompt, vocab) for size in options.batch_sizes}
         print("RESULT " + json.dumps(RUNNERS[options.worker](options.workdir, batches, options)), flush=True)
         return
 
@@ -229,36 +199,16 @@ def main(argv: list[str]) -> None:
         if not (workdir / "gguf").is_dir():
             print("building the model and its exports ...", flush=True)
             build_model(workdir)
-        vocab = vocab_size(workdir)
-        print(f"load average before: {load_average()}", flush=True)
-        runs = interleaved_runs(
+        settings = f"prompt {options.prompt}, {options.new_tokens} new tokens, vocab {vocab_size(workdir)}"
+        compare_speeds(
             options.modes,
             options.repeats,
             lambda mode: worker_command(mode, workdir, options),
-            lambda run: ", ".join(f"batch {size} {r['seconds']:.2f} s" for size, r in run.items()),
+            MODES,
+            options.new_tokens,
+            f"{settings}, {options.threads} threads",
+            options.json,
         )
-        print(f"load average after: {load_average()}")
-
-    rows = []
-    for size in map(str, options.batch_sizes):
-        reference = runs.get("torch", [{}])[0].get(size, {}).get("tokens")
-        medians = {mode: statistics.median(run[size]["seconds"] for run in runs[mode]) for mode in options.modes}
-        base = int(size) * options.new_tokens / medians.get("torch", next(iter(medians.values())))
-        for mode in options.modes:
-            rate = int(size) * options.new_tokens / medians[mode]
-            prefill = statistics.median(run[size]["prefill_seconds"] for run in runs[mode])
-            same = "—" if reference is None else ("yes" if runs[mode][0][size]["tokens"] == reference else "no")
-            rows.append((size, MODES[mode], rate, rate / base, prefill * 1000, medians[mode], same))
-    print(
-        f"\n{machine()}; prompt {options.prompt}, {options.new_tokens} new tokens, vocab "
-        f"{vocab}, {options.threads} threads, median of {options.repeats}\n"
-    )
-    print("| batch | runtime | tokens/s | vs PyTorch | prefill ms | generation s | tokens = PyTorch's |")
-    print("|---:|---|---:|---:|---:|---:|---|")
-    for size, label, rate, ratio, prefill_ms, seconds, same in rows:
-        print(f"| {size} | {label} | {rate:.1f} | {ratio:.2f}x | {prefill_ms:.1f} | {seconds:.2f} | {same} |")
-    if options.json:
-        options.json.write_text(json.dumps({"runs": runs, "table": rows}, indent=2), encoding="utf-8")
 
 
 if __name__ == "__main__":

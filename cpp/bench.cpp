@@ -26,7 +26,8 @@ static Prompts generate(llm::Model & model, const Prompts & prompts, int new_tok
     const int n = (int) prompts.size(), length = (int) prompts[0].size();
     llama_batch batch = llama_batch_init(n * length, 0, 1);
     Prompts generated(n);
-    for (int step = 0; step <= new_tokens; ++step) {
+    std::vector<int> last(n);  // each sequence's last token in the batch: where its logits are
+    for (int step = 0; step < new_tokens; ++step) {
         batch.n_tokens = 0;
         for (int s = 0; s < n; ++s) {
             const std::vector<llama_token> feed = step == 0 ? prompts[s] : std::vector<llama_token>{generated[s].back()};
@@ -37,17 +38,15 @@ static Prompts generate(llm::Model & model, const Prompts & prompts, int new_tok
                 batch.n_seq_id[k] = 1;
                 batch.seq_id[k][0] = s;
                 batch.logits[k] = i + 1 == feed.size();
+                last[s] = k;
             }
-        }
-        if (step == new_tokens) {
-            break;  // the last token is chosen; nothing is fed back
         }
         if (llama_decode(model.ctx, batch) != 0) {
             llama_batch_free(batch);
             throw std::runtime_error("llama_decode failed");
         }
         for (int s = 0; s < n; ++s) {
-            generated[s].push_back(model.argmax(s));  // output rows follow the sequences' order in the batch
+            generated[s].push_back(model.argmax(last[s]));
         }
     }
     llama_batch_free(batch);
@@ -55,29 +54,13 @@ static Prompts generate(llm::Model & model, const Prompts & prompts, int new_tok
 }
 
 int main(int argc, char ** argv) {
-    std::string model_path, tokens_arg;
-    int new_tokens = 16, threads = 2;
     try {
-        for (int i = 1; i < argc; ++i) {
-            std::string arg = argv[i];
-            if (i + 1 >= argc) {
-                throw std::invalid_argument(arg + " needs a value");
-            }
-            std::string value = argv[++i];
-            if (arg == "-m") {
-                model_path = value;
-            } else if (arg == "--tokens") {
-                tokens_arg = value;
-            } else if (arg == "--new-tokens") {
-                new_tokens = std::stoi(value);
-            } else if (arg == "-t") {
-                threads = std::stoi(value);
-            } else {
-                throw std::invalid_argument("unknown argument '" + arg + "'");
-            }
-        }
+        auto given = llm::options(argc, argv, {"-m", "--tokens", "--new-tokens", "-t"});
+        std::string model_path = given["-m"];
+        int new_tokens = given.count("--new-tokens") ? std::stoi(given["--new-tokens"]) : 16;
+        int threads = given.count("-t") ? std::stoi(given["-t"]) : 2;
         Prompts prompts;
-        std::stringstream sequences(tokens_arg);
+        std::stringstream sequences(given["--tokens"]);
         for (std::string sequence; std::getline(sequences, sequence, ';');) {
             std::stringstream ids(sequence);
             prompts.emplace_back();

@@ -1,5 +1,6 @@
 #include "llm.h"
 
+#include <algorithm>
 #include <cstdio>
 #include <stdexcept>
 
@@ -13,6 +14,21 @@ void quiet_logs() {
             }
         },
         nullptr);
+}
+
+std::map<std::string, std::string> options(int argc, char ** argv, const std::vector<std::string> & known) {
+    std::map<std::string, std::string> values;
+    for (int i = 1; i < argc; i += 2) {
+        std::string option = argv[i];
+        if (std::find(known.begin(), known.end(), option) == known.end()) {
+            throw std::invalid_argument("unknown argument '" + option + "'");
+        }
+        if (i + 1 >= argc) {
+            throw std::invalid_argument(option + " needs a value");
+        }
+        values[option] = argv[i + 1];
+    }
+    return values;
 }
 
 Model::Model(const std::string & path, int n_ctx, int n_threads, bool f32_cache, int n_seq_max) {

