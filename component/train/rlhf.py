@@ -256,15 +256,11 @@ class RLTrainer(ReliableTrainerMixin, Trainer):
             "--resume_from_checkpoint true to continue"
         )
 
-    def sync_rollout_engine(self) -> None:
-        """The rollout engine samples from the policy as it is now (vLLM: its adapter loaded once per step)."""
-        self._engine_call(self.rollout_engine.sync, unwrap(self.model), self.state.global_step)
-
     @torch.no_grad()
     def generate(self, rows: list[dict]) -> tuple[torch.Tensor, ...]:
-        """(prompt ids left-padded [N, P], prompt mask, completion ids [N, C], completion mask [N, C], ended [N],
-        completion token lists) for N = rows x num_generations; each completion ends with its first stop token or
-        the token that completed a stop string (kept: the policy learns to stop), or runs to max_new_tokens."""
+        """(prompt ids left-padded [N, P], prompt mask, completion ids [N, C], completion mask [N, C], ended [N]) for
+        N = rows x num_generations, from the rollout engine; each completion ends with its first stop token or the
+        token that completed a stop string (kept: the policy learns to stop), or runs to max_new_tokens."""
         device = self.args.device
         tokenizer = self.processing_class
         prompts = [row["prompt_ids"] for row in rows]
@@ -273,7 +269,8 @@ class RLTrainer(ReliableTrainerMixin, Trainer):
             for i in range(len(prompts))
         ]
         self.rollout_engine.timings.clear()
-        self.sync_rollout_engine()
+        # the engine samples from the policy as it is now (vLLM: its adapter loaded, once per optimizer step)
+        self._engine_call(self.rollout_engine.sync, unwrap(self.model), self.state.global_step)
         started = time.perf_counter()
         generated = self._engine_call(
             self.rollout_engine.generate, unwrap(self.model), prompts, self.num_generations, seeds
