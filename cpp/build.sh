@@ -27,8 +27,9 @@ if [ ! -f "$LLAMA_CPP_DIR/include/llama.h" ]; then
     exit 1
 fi
 
-# One build folder per llama.cpp source, so switching sources never mixes objects.
-BUILD="$CACHE/build-$(printf '%s' "$LLAMA_CPP_DIR" | md5sum | cut -c1-8)"
+# One build folder per llama.cpp source and per checkout of ours (CMake ties a build folder to one source folder),
+# so switching either never mixes objects.
+BUILD="$CACHE/build-$(printf '%s\n%s' "$LLAMA_CPP_DIR" "$HERE" | md5sum | cut -c1-8)"
 # Progress goes to stderr: stdout is only the folder, for LLAMA_CPP_BIN=$(cpp/build.sh).
 cmake -S "$HERE" -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DLLAMA_CPP_DIR="$LLAMA_CPP_DIR" >&2
 cmake --build "$BUILD" --parallel "$JOBS" --target llm_chat llm_logits llm_bench >&2

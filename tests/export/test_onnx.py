@@ -289,7 +289,7 @@ def test_demo_sft_export_reproduces_exact_match(tmp_path):
     """export.py on the demo's base + SFT adapter (fp32 logits within 1e-4 of base + adapter in PyTorch), then
     generate.py compare --backend onnxruntime: the demo's exact match (1.0 on the 200 held-out questions, greedy)."""
     demo = REPO / "output" / "demo"
-    skip_without_demo(demo / "base_model", demo / "sft")
+    skip_without_demo("output/demo/base_model", "output/demo/sft")
     exported = tmp_path / "sft_onnx"
     run = [sys.executable, "export.py", "--format", "onnx", "--adapter", str(demo / "sft")]
     result = subprocess.run([*run, "--output_dir", str(exported)], cwd=REPO, capture_output=True, text=True)
