@@ -41,8 +41,9 @@ time is reported apart (once per run, not per step).
 Each run also gives where a step's time goes (seconds per step, means): generate (the rollout engine), adapter sync
 (vLLM: save the LoRA, load it into the server, unload the old one), rewards (decode + reward model + rules),
 log-probs (the reference pass, and the old-policy pass where one runs) and loss (forward + backward of the policy).
-Ours logs these (`time/*`); TRL's are taken from its own profiling blocks (generate, reward function) and from
-timing its `_generate_and_score_completions` and `training_step`.
+Ours logs these (`time/*`); TRL's are taken from its own profiling blocks (`transformers.generate`,
+`_calculate_rewards`: the reward model only) and from timing its `_generate_and_score_completions` (its log-probs
+are the rest of that: the reference pass, decoding, padding) and `training_step` (loss: the rest of the step).
 
 Each mode runs in its own process (peak RSS is the whole process's VmHWM), modes alternate across repeats,
 the table gives medians: completions/s (completions / wall time of `trainer.train()`), completions per CPU-second
@@ -294,10 +295,19 @@ def run_trl(workdir: Path, options: argparse.Namespace, clock) -> tuple:
             finally:
                 split["loss"] += time.perf_counter() - started - (scored["generate_and_score"] - before)
 
-    def record(context, duration: float) -> None:  # TRL's own profiling blocks
-        name = context.name.lower()
-        key = "generate" if "generate" in name else "adapter_sync" if "sync" in name else "rewards"
-        split[key] += duration
+    # TRL's own profiling blocks, the outermost of each kind only (reward functions nest in _calculate_rewards;
+    # _prepare_inputs holds the whole rollout; log-probs and loss are derived from the two timers above)
+    blocks = {
+        "transformers.generate": "generate",
+        "transformers.generate_batch": "generate",
+        "vLLM.generate": "generate",
+        "sync_weights": "adapter_sync",
+        "_calculate_rewards": "rewards",
+    }
+
+    def record(context, duration: float) -> None:
+        if context.name in blocks:
+            split[blocks[context.name]] += duration
 
     from trl.extras import profiling
 

@@ -255,6 +255,10 @@ def test_vllm_launch_starts_the_server_and_stops_it(tiny_llama_dir, tmp_path, ca
             "cannot sample with num_beams 4",
         ),
         ({"rollout_engine": "vllm", "vllm_launch": True, "vllm_venv": "/nonexistent"}, "no vLLM environment at"),
+        (
+            {"rollout_engine": "vllm", "vllm_url": "http://x", "finetuning_type": "full"},
+            "trains LoRA/QLoRA adapters; set 'finetuning_type' to lora or qlora",
+        ),
     ],
 )
 def test_vllm_settings_that_cannot_work_name_the_key(tiny_llama_dir, tmp_path, overrides, message):
