@@ -305,9 +305,10 @@ def run_trl(workdir: Path, options: argparse.Namespace, clock) -> tuple:
         "_calculate_rewards": "rewards",
     }
 
-    def record(context, duration: float) -> None:
-        if context.name in blocks:
-            split[blocks[context.name]] += duration
+    def record(context, duration: float) -> None:  # context.name is "<trainer class>.<block>"
+        block = context.name.split(".", 1)[-1]
+        if block in blocks:
+            split[blocks[block]] += duration
 
     from trl.extras import profiling
 
