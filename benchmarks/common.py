@@ -348,3 +348,41 @@ def compare_speeds(
         print(f"| {size} | {label} | {rate:.1f} | {ratio:.2f}x | {prefill_ms:.1f} | {seconds:.2f} | {same} |")
     if json_path:
         json_path.write_text(json.dumps({"runs": runs, "table": rows}, indent=2), encoding="utf-8")
+
+
+def _process_group(pgid: int) -> list[Path]:
+    """/proc folders of every process in process group `pgid` (Linux)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if os.getpgid(int(entry.name)) == pgid:
+                    found.append(entry)
+            except (OSError, ProcessLookupError):
+                continue
+    return found
+
+
+def process_group_peak_rss_mib(pgid: int) -> float:
+    """Summed peak RSS (VmHWM) of the live processes of a process group, e.g. a vLLM server and its engine."""
+    total = 0
+    for folder in _process_group(pgid):
+        try:
+            lines = (folder / "status").read_text().splitlines()
+        except OSError:
+            continue
+        total += next((int(line.split()[1]) for line in lines if line.startswith("VmHWM:")), 0)
+    return total / 1024
+
+
+def process_group_cpu_seconds(pgid: int) -> float:
+    """User + system CPU seconds used so far by the live processes of a process group."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for folder in _process_group(pgid):
+        try:
+            fields = (folder / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+    return total / ticks

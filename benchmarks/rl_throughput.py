@@ -4,6 +4,7 @@
     python benchmarks/rl_throughput.py --repeats 3 --json out.json
     python benchmarks/rl_throughput.py --beta 0                # TRL's default beta (no reference pass)
     python benchmarks/rl_throughput.py --vocab 32000 --max-new-tokens 128   # a real vocabulary's log-prob cost
+    python benchmarks/rl_throughput.py --rollout_engine vllm   # + ours with rollouts from a vLLM server (make vllm-env)
 
 The policy is the demo base model (config/demo/model/config.json: Llama-shaped, hidden 128, 4 layers, the demo's
 304-token tokenizer; random init, fp32) with a new LoRA (r 16, alpha 32, every linear layer but the head). The
@@ -30,6 +31,20 @@ sampling at temperature 1 with top-k 50 (our "top_k" preset; TRL's default top_k
 except `bf16` and `gradient_checkpointing` off (both train in fp32 without recomputation, as ours does), `top_k`,
 `beta` and the sizes above.
 
+`--rollout_engine vllm` adds ours with `rollout_engine: vllm` (docs/rlhf.md): the worker starts vLLM's server from
+`--vllm-venv` (component/inference/vllm_server.py, with the arguments `vllm_launch` would give it: the base at
+`--vllm-dtype`, LoRA loaded at runtime) before timing, points the run at it (`vllm_url`), and stops it after. Its
+completions/s and CPU-seconds count the server's processes too (their /proc CPU times during `trainer.train()`),
+its peak memory is the trainer's VmHWM plus the server process group's summed VmHWM, and the server's start-up
+time is reported apart (once per run, not per step).
+
+Each run also gives where a step's time goes (seconds per step, means): generate (the rollout engine), adapter sync
+(vLLM: save the LoRA, load it into the server, unload the old one), rewards (decode + reward model + rules),
+log-probs (the reference pass, and the old-policy pass where one runs) and loss (forward + backward of the policy).
+Ours logs these (`time/*`); TRL's are taken from its own profiling blocks (`transformers.generate`,
+`_calculate_rewards`: the reward model only) and from timing its `_generate_and_score_completions` (its log-probs
+are the rest of that: the reference pass, decoding, padding) and `training_step` (loss: the rest of the step).
+
 Each mode runs in its own process (peak RSS is the whole process's VmHWM), modes alternate across repeats,
 the table gives medians: completions/s (completions / wall time of `trainer.train()`), completions per CPU-second
 of the process during `trainer.train()` (with `--threads 1`, the work done, which other processes on the cores
@@ -54,9 +69,22 @@ sys.path.insert(0, str(REPO))
 
 from transformers import TrainerCallback  # noqa: E402
 
-from benchmarks.common import interleaved_runs, load_average, machine, median_rows, peak_rss_mib  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    interleaved_runs,
+    load_average,
+    machine,
+    median_rows,
+    peak_rss_mib,
+    process_group_cpu_seconds,
+    process_group_peak_rss_mib,
+)
 
-MODES = {"ours": "ours: train_rlhf.py (grpo)", "trl_default": "TRL GRPOTrainer"}
+MODES = {
+    "ours": "ours: train_rlhf.py (grpo)",
+    "ours_vllm": "ours, vLLM rollouts",
+    "trl_default": "TRL GRPOTrainer",
+}
+SPLIT = ("generate", "adapter_sync", "rewards", "logprobs", "loss")
 LORA = {"lora_rank": 16, "lora_alpha": 32, "lora_dropout": 0.0}
 TEMPLATE = "human_assistant"
 TOP_K = 50  # our "top_k" preset (temperature 1, top-p 1)
@@ -121,18 +149,51 @@ def build_workdir(workdir: Path, prompts: int, vocab: int = 0, max_new_tokens: i
 
 
 class WallClock(TrainerCallback):
-    """Times `trainer.train()` from its train-begin to its train-end callback: wall and this process's CPU time."""
+    """Times `trainer.train()` from its train-begin to its train-end callback: wall and CPU time of this process
+    and of the vLLM server's process group (`server`, where one runs)."""
 
     started = ended = cpu_started = cpu_ended = 0.0
+    server = None
+
+    def cpu(self) -> float:
+        return time.process_time() + (process_group_cpu_seconds(self.server.process.pid) if self.server else 0.0)
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.started, self.cpu_started = time.perf_counter(), time.process_time()
+        self.started, self.cpu_started = time.perf_counter(), self.cpu()
 
     def on_train_end(self, args, state, control, **kwargs):
-        self.ended, self.cpu_ended = time.perf_counter(), time.process_time()
+        self.ended, self.cpu_ended = time.perf_counter(), self.cpu()
 
 
-def run_ours(workdir: Path, options: argparse.Namespace, clock) -> tuple:
+def start_vllm(workdir: Path, options: argparse.Namespace, args: dict):
+    """vLLM's server for the run, started as `vllm_launch` would start it (the same arguments)."""
+    from types import SimpleNamespace
+
+    from component.inference.vllm_server import server_environment, start_server, venv_python
+    from component.train.rollout import server_arguments
+
+    launch = SimpleNamespace(
+        vllm_dtype=options.vllm_dtype,
+        max_seq_length=args["max_seq_length"],
+        lora_rank=LORA["lora_rank"],
+        adapter_name_or_path=None,
+        trust_remote_code=False,
+        vllm_gpu_memory_utilization=None,
+        vllm_devices=None,
+        vllm_args=["--enforce-eager"] if options.vllm_eager else [],
+    )
+    started = time.perf_counter()
+    server = start_server(
+        workdir / "model",
+        server_arguments(launch, SimpleNamespace(seed=args["seed"])),
+        workdir / f"vllm_server.{os.getpid()}.log",
+        python=venv_python(options.vllm_venv),
+        env=server_environment(VLLM_ALLOW_RUNTIME_LORA_UPDATING="True"),
+    )
+    return server, time.perf_counter() - started
+
+
+def run_ours(workdir: Path, options: argparse.Namespace, clock, engine: str = "transformers") -> tuple:
     import train_rlhf
 
     args = {
@@ -162,11 +223,25 @@ def run_ours(workdir: Path, options: argparse.Namespace, clock) -> tuple:
         "seed": 0,
         "dataloader_num_workers": 0,
     }
-    path = workdir / "ours_args.json"
+    extra: dict = {}
+    if engine == "vllm":
+        clock.server, extra["server_start_s"] = start_vllm(workdir, options, args)
+        args.update(rollout_engine="vllm", vllm_url=clock.server.url, output_dir=str(workdir / "ours_vllm_out"))
+    path = workdir / f"{engine}_args.json"
     path.write_text(json.dumps(args), encoding="utf-8")
-    trainer = train_rlhf.main(["--train_args_file", str(path)], callbacks=[clock])
+    try:
+        trainer = train_rlhf.main(["--train_args_file", str(path)], callbacks=[clock])
+        if clock.server is not None:
+            extra["server_peak_rss_mib"] = process_group_peak_rss_mib(clock.server.process.pid)
+    finally:
+        if clock.server is not None:
+            clock.server.stop()
     history = trainer.state.log_history
-    return trainer.state.global_step, history, "rewards/reward_model/mean"
+    steps = trainer.state.global_step
+    extra["split"] = {
+        name: sum(e.get(f"time/{name}_s", 0.0) for e in history) / steps for name in SPLIT
+    }  # logging_steps 1, one rollout per step: each entry is one step's
+    return steps, history, "rewards/reward_model/mean", extra
 
 
 def run_trl(workdir: Path, options: argparse.Namespace, clock) -> tuple:
@@ -200,7 +275,45 @@ def run_trl(workdir: Path, options: argparse.Namespace, clock) -> tuple:
     peft_config = LoraConfig(
         r=LORA["lora_rank"], lora_alpha=LORA["lora_alpha"], lora_dropout=0.0, target_modules="all-linear"
     )
-    trainer = GRPOTrainer(
+    split = dict.fromkeys(SPLIT, 0.0)
+    scored = {"generate_and_score": 0.0}
+
+    class TimedGRPOTrainer(GRPOTrainer):
+        """TRL's trainer with its step timed: generate and score (its rollout), and the whole training step."""
+
+        def _generate_and_score_completions(self, inputs):
+            started = time.perf_counter()
+            try:
+                return super()._generate_and_score_completions(inputs)
+            finally:
+                scored["generate_and_score"] += time.perf_counter() - started
+
+        def training_step(self, *args, **kwargs):
+            started, before = time.perf_counter(), scored["generate_and_score"]
+            try:
+                return super().training_step(*args, **kwargs)
+            finally:
+                split["loss"] += time.perf_counter() - started - (scored["generate_and_score"] - before)
+
+    # TRL's own profiling blocks, the outermost of each kind only (reward functions nest in _calculate_rewards;
+    # _prepare_inputs holds the whole rollout; log-probs and loss are derived from the two timers above)
+    blocks = {
+        "transformers.generate": "generate",
+        "transformers.generate_batch": "generate",
+        "vLLM.generate": "generate",
+        "sync_weights": "adapter_sync",
+        "_calculate_rewards": "rewards",
+    }
+
+    def record(context, duration: float) -> None:  # context.name is "<trainer class>.<block>"
+        block = context.name.split(".", 1)[-1]
+        if block in blocks:
+            split[blocks[block]] += duration
+
+    from trl.extras import profiling
+
+    profiling.ProfilingContext._log_metrics = record
+    trainer = TimedGRPOTrainer(
         model=AutoModelForCausalLM.from_pretrained(workdir / "model"),
         reward_funcs=str(workdir / "rm_merged"),
         args=config,
@@ -210,7 +323,10 @@ def run_trl(workdir: Path, options: argparse.Namespace, clock) -> tuple:
         callbacks=[clock],
     )
     trainer.train()
-    return trainer.state.global_step, trainer.state.log_history, "rewards/rm_merged/mean"
+    steps = trainer.state.global_step
+    split["logprobs"] = scored["generate_and_score"] - split["generate"] - split["rewards"] - split["adapter_sync"]
+    extra = {"split": {name: value / steps for name, value in split.items()}}
+    return steps, trainer.state.log_history, "rewards/rm_merged/mean", extra
 
 
 def run_mode(mode: str, workdir: Path, options: argparse.Namespace) -> dict:
@@ -219,7 +335,12 @@ def run_mode(mode: str, workdir: Path, options: argparse.Namespace) -> dict:
     if options.threads:
         torch.set_num_threads(options.threads)
     clock = WallClock()
-    steps, history, reward_key = (run_trl if mode == "trl_default" else run_ours)(workdir, options, clock)
+    if mode == "trl_default":
+        steps, history, reward_key, extra = run_trl(workdir, options, clock)
+    else:
+        steps, history, reward_key, extra = run_ours(
+            workdir, options, clock, "vllm" if mode == "ours_vllm" else "transformers"
+        )
     wall = clock.ended - clock.started
     completions = steps * options.batch_size * options.generations
     logged = [e for e in history if "completions/mean_length" in e]
@@ -231,7 +352,11 @@ def run_mode(mode: str, workdir: Path, options: argparse.Namespace) -> dict:
         "wall_s": wall,
         "cpu_s": clock.cpu_ended - clock.cpu_started,
         "completions_per_cpu_s": completions / (clock.cpu_ended - clock.cpu_started),
-        "peak_rss_mib": peak_rss_mib(),
+        "peak_rss_mib": peak_rss_mib() + extra.get("server_peak_rss_mib", 0.0),
+        "trainer_peak_rss_mib": peak_rss_mib(),
+        "server_peak_rss_mib": extra.get("server_peak_rss_mib", 0.0),
+        "server_start_s": extra.get("server_start_s", 0.0),
+        **{f"{name}_s": value for name, value in extra["split"].items()},
         "steps": steps,
         "mean_length": statistics.mean(e["completions/mean_length"] for e in logged),
         "reward": statistics.mean(rewards) if rewards else float("nan"),
@@ -253,12 +378,31 @@ def table(rows: list[dict]) -> str:
             f"| {MODES[r['mode']]} | {r['completions_per_s']:.1f} | {speed} | {r['completions_per_cpu_s']:.1f} | {work} "
             f"| {r['peak_rss_mib']:.0f} | {memory} | {r['steps']} | {r['mean_length']:.1f} | {r['reward']:.3f} |"
         )
+    lines += [
+        "",
+        "| mode | s/step | generate | adapter sync | rewards | log-probs | loss | trainer / server peak RSS MiB "
+        "| server start s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        split = " | ".join(f"{r[f'{name}_s']:.2f}" for name in SPLIT)
+        server = (
+            f"{r['trainer_peak_rss_mib']:.0f} / {r['server_peak_rss_mib']:.0f}" if r["server_peak_rss_mib"] else "-"
+        )
+        start = f"{r['server_start_s']:.0f}" if r["server_start_s"] else "-"
+        lines.append(f"| {MODES[r['mode']]} | {r['wall_s'] / r['steps']:.2f} | {split} | {server} | {start} |")
     return "\n".join(lines)
 
 
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
+    parser.add_argument("--modes", nargs="+", choices=list(MODES), default=None, help="default: ours, trl_default")
+    parser.add_argument(
+        "--rollout_engine", choices=["transformers", "vllm"], default="transformers", help="vllm: add ours_vllm"
+    )
+    parser.add_argument("--vllm-venv", default=None, help="make vllm-env's environment (default .venv-vllm)")
+    parser.add_argument("--vllm-dtype", default="float32", help="the served base's dtype (the trainer's: float32)")
+    parser.add_argument("--vllm-eager", action="store_true", help="--enforce-eager (no torch.compile in vLLM)")
     parser.add_argument("--batch-size", type=int, default=8, help="prompts per step")
     parser.add_argument("--generations", type=int, default=4, help="completions per prompt")
     parser.add_argument("--max-new-tokens", type=int, default=16)
@@ -279,7 +423,7 @@ def main(argv: list[str]) -> None:
     with tempfile.TemporaryDirectory() as scratch:
         workdir = options.workdir or Path(scratch)
         build_workdir(workdir, options.batch_size * options.steps, options.vocab, options.max_new_tokens)
-        modes = list(options.modes)
+        modes = options.modes or ["ours", *(["ours_vllm"] if options.rollout_engine == "vllm" else []), "trl_default"]
         try:
             import trl  # noqa: F401
         except ImportError:
@@ -289,6 +433,12 @@ def main(argv: list[str]) -> None:
         forwarded = ["--batch-size", str(options.batch_size), "--generations", str(options.generations)]
         forwarded += ["--max-new-tokens", str(options.max_new_tokens), "--steps", str(options.steps)]
         forwarded += ["--beta", str(options.beta), "--threads", str(options.threads)]
+        forwarded += [
+            "--vllm-dtype",
+            options.vllm_dtype,
+            *(["--vllm-venv", options.vllm_venv] if options.vllm_venv else []),
+        ]
+        forwarded += ["--vllm-eager"] if options.vllm_eager else []
         runs = interleaved_runs(
             modes,
             options.repeats,
@@ -304,6 +454,10 @@ def main(argv: list[str]) -> None:
             "wall_s",
             "cpu_s",
             "peak_rss_mib",
+            "trainer_peak_rss_mib",
+            "server_peak_rss_mib",
+            "server_start_s",
+            *(f"{name}_s" for name in SPLIT),
             "mean_length",
             "reward",
         )

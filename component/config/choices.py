@@ -35,6 +35,8 @@ REFERENCE_FREE_LOSSES = ("simpo", "orpo")
 
 # Online RL algorithms (docs/rlhf.md).
 RL_ALGORITHMS = ("grpo", "rloo", "ppo")
+ROLLOUT_ENGINES = ("transformers", "vllm")
+VLLM_DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 # evaluate.py: the benchmarks read from local folders, and how a question is asked and scored (docs/evaluation.md).
 BENCHMARKS = ("ceval", "cmmlu", "mmlu")

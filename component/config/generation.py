@@ -68,6 +68,16 @@ class GenerationSettings:
         return f"{self.preset}: " + ", ".join(f"{k}={v}" for k, v in shown.items())
 
 
+def unsupported_by_vllm(settings: GenerationSettings) -> list[str]:
+    """What vLLM's sampler cannot do as transformers' generate does (empty: every setting means the same)."""
+    problems = []
+    if settings.num_beams > 1:
+        problems.append(f"num_beams {settings.num_beams} (beam search)")
+    if settings.no_repeat_ngram_size:
+        problems.append(f"no_repeat_ngram_size {settings.no_repeat_ngram_size}")
+    return problems
+
+
 def resolve_settings(preset: str = "default", overrides: dict[str, Any] | None = None) -> GenerationSettings:
     """The preset's fields, then `overrides` (generation-config file, command line), checked up front."""
     if preset not in PRESETS:

@@ -28,9 +28,11 @@ from component.config.choices import (
     PACKED_ATTENTIONS,
     QUANTIZATIONS,
     RL_ALGORITHMS,
+    ROLLOUT_ENGINES,
     TEMPLATES,
+    VLLM_DTYPES,
 )
-from component.config.generation import PRESETS
+from component.config.generation import PRESETS, resolve_settings, unsupported_by_vllm
 from component.config.parser import (
     ConfigError,
     HelpRequested,
@@ -239,6 +241,44 @@ class RLArguments(FinetuneArguments):
         default=0.0, metadata={"help": "Subtracted from the reward of completions cut by max_new_tokens."}
     )
     sample_log_steps: int = field(default=10, metadata={"help": "Every N steps a few rows go to samples.jsonl."})
+    rollout_engine: str = field(
+        default="transformers",
+        metadata=choices(
+            *ROLLOUT_ENGINES, help="Who samples: the policy's generate, or a vLLM server with the adapter loaded."
+        ),
+    )
+    vllm_url: str | None = field(
+        default=None, metadata={"help": "vllm: a running vLLM server (http://127.0.0.1:PORT) serving this base model."}
+    )
+    vllm_launch: bool = field(
+        default=False,
+        metadata={"help": "vllm: start the server from vllm_venv on a free loopback port, stop it after."},
+    )
+    vllm_venv: str | None = field(
+        default=None,
+        metadata={"help": "vllm_launch: vLLM's environment (make vllm-env); default: the repo's .venv-vllm."},
+    )
+    vllm_dtype: str = field(
+        default="auto",
+        metadata=choices(*VLLM_DTYPES, help="vllm_launch: the served base's dtype (auto: vLLM's choice)."),
+    )
+    vllm_gpu_memory_utilization: float | None = field(
+        default=None,
+        metadata={"help": "vllm_launch: vLLM's share of its GPU; default 0.3 beside the trainer, 0.9 on vllm_devices."},
+    )
+    vllm_devices: str | None = field(
+        default=None,
+        metadata={"help": 'vllm_launch: CUDA_VISIBLE_DEVICES of the server (e.g. "6,7"); default: the trainer\'s.'},
+    )
+    vllm_args: list[str] | None = field(
+        default=None, metadata={"help": 'vllm_launch: more server arguments, e.g. ["--tensor-parallel-size", "2"].'}
+    )
+    vllm_timeout: float = field(
+        default=600.0, metadata={"help": "vllm: seconds to wait for each answer of the server."}
+    )
+    vllm_start_timeout: float = field(
+        default=900.0, metadata={"help": "vllm_launch: seconds to wait for the server to start."}
+    )
 
 
 TRAIN_ARGS_FLAG = "train_args_file"
@@ -660,4 +700,38 @@ def validate_rl(args: RLArguments, source: str) -> None:
         raise ConfigError(
             f"{source}: 'max_new_tokens' ({args.max_new_tokens}) leaves no room for a prompt in 'max_seq_length' "
             f"({args.max_seq_length})"
+        )
+    validate_rollout_engine(args, source)
+
+
+def validate_rollout_engine(args: RLArguments, source: str) -> None:
+    """The vLLM keys: a server to use or to start, sampling vLLM does as transformers does, sane limits."""
+    vllm_keys = [key for key in ("vllm_url", "vllm_launch", "vllm_args", "vllm_devices") if getattr(args, key)]
+    if args.rollout_engine != "vllm":
+        if vllm_keys:
+            raise ConfigError(f"{source}: '{vllm_keys[0]}' needs 'rollout_engine': \"vllm\"")
+        return
+    if bool(args.vllm_url) == bool(args.vllm_launch):
+        raise ConfigError(
+            f"{source}: 'rollout_engine' vllm needs either 'vllm_url' (a running server) or 'vllm_launch': true"
+        )
+    if args.vllm_url and not args.vllm_url.startswith(("http://", "https://")):
+        raise ConfigError(
+            f"{source}: 'vllm_url' must start with http:// (e.g. http://127.0.0.1:8000), got {args.vllm_url!r}"
+        )
+    if not args.vllm_launch:
+        unused = [key for key in ("vllm_args", "vllm_devices", "vllm_gpu_memory_utilization") if getattr(args, key)]
+        if unused:
+            raise ConfigError(f"{source}: '{unused[0]}' only applies with 'vllm_launch': true")
+    if args.vllm_timeout <= 0 or args.vllm_start_timeout <= 0:
+        raise ConfigError(f"{source}: 'vllm_timeout' and 'vllm_start_timeout' must be > 0 seconds")
+    utilization = args.vllm_gpu_memory_utilization
+    if utilization is not None and not 0 < utilization <= 1:
+        raise ConfigError(f"{source}: 'vllm_gpu_memory_utilization' must be in (0, 1], got {utilization}")
+    overrides = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature}
+    problems = unsupported_by_vllm(resolve_settings(args.generation_preset, overrides))
+    if problems:
+        raise ConfigError(
+            f"{source}: 'rollout_engine' vllm cannot sample with {', '.join(problems)} ('generation_preset' "
+            f"{args.generation_preset!r}); choose greedy, top_k, top_p or default"
         )

@@ -1,7 +1,8 @@
 """Online RL on transformers' Trainer: sample completions, score them, and optimise the clipped objective.
 
-Each batch of prompts becomes a rollout: `num_generations` sampled completions per prompt (the policy's own
-`generate`, KV cache, the template's stop tokens and strings), their rewards (the reward model re-renders each
+Each batch of prompts becomes a rollout: `num_generations` sampled completions per prompt (from the rollout
+engine: the policy's own `generate`, or a vLLM server holding the policy's current adapter; the template's stop
+tokens and strings either way, train.rollout), their rewards (the reward model re-renders each
 conversation in its own template, plus rule rewards), the policy's and the reference's per-token log-probs, and
 the advantages (GRPO: group-normalised; RLOO: leave-one-out with the KL in the reward; PPO: GAE with a value head
 trained jointly, the KL as a per-token reward). The loss reuses the rollout for `num_iterations` optimisation
@@ -15,6 +16,7 @@ import dataclasses
 import importlib
 import json
 import math
+import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -29,12 +31,14 @@ from transformers import Trainer
 from component.config.generation import GenerationSettings
 from component.data.conversation import Conversation, Turn
 from component.data.template import Template
-from component.inference.engine import clean_answer, generate_kwargs
+from component.inference.engine import clean_answer
 from component.inference.scoring import RewardScorer
+from component.inference.vllm_client import ServerError
 from component.model.packed_attention import base_causal_lm
 from component.train.batching import attends_per_sequence
+from component.train.checkpoints import COMPLETE_MARKER
 from component.train.dpo import as_reference, unwrap
-from component.train.guards import ReliableTrainerMixin
+from component.train.guards import ReliableTrainerMixin, TrainingInterrupted
 from component.train.lm_head import (
     DEFAULT_CHUNK_SIZE,
     ChunkSize,
@@ -56,6 +60,7 @@ from component.train.rl import (
     token_rewards,
     whiten,
 )
+from component.train.rollout import TransformersRollout, VLLMRollout, completion_end, rollout_seed
 from component.train.value_head import attach_value_head, load_value_head, save_value_head
 
 SAMPLES_PER_LOG = 4
@@ -168,6 +173,7 @@ class RLTrainer(ReliableTrainerMixin, Trainer):
         reference: str | nn.Module = "adapter_off",
         sample_log_steps: int = 10,
         chunk: int | ChunkSize = DEFAULT_CHUNK_SIZE,
+        rollout_engine: TransformersRollout | VLLMRollout | None = None,
         **kwargs,
     ) -> None:
         kwargs.setdefault("data_collator", list)
@@ -192,7 +198,9 @@ class RLTrainer(ReliableTrainerMixin, Trainer):
         self.temperature = settings.temperature if settings.do_sample else 1.0  # log-probs of what is sampled
         self.model_accepts_loss_kwargs = False
         self.label_names = []
+        self.rollout_engine = rollout_engine or TransformersRollout(self.processing_class, template, settings)
         self._rollouts: dict[tuple, dict] = {}
+        self._rollout_seconds = 0.0
         self._logged: dict[str, list[float]] = defaultdict(list)
 
     # --- the sampler: each global batch num_iterations times ------------------------------------------------------
@@ -210,34 +218,99 @@ class RLTrainer(ReliableTrainerMixin, Trainer):
         if key not in self._rollouts:
             if len(self._rollouts) >= self.args.gradient_accumulation_steps:
                 self._rollouts.clear()  # a new global batch: the previous rollouts are done
+            started = time.perf_counter()
             self._rollouts[key] = self.rollout(rows)
+            self._rollout_seconds += time.perf_counter() - started
         return self._rollouts[key]
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        started, rollouts_before = time.perf_counter(), self._rollout_seconds
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        # the loss's forward and backward: the step's time less the rollout that _prepare_inputs ran inside it
+        self._logged["time/loss_s"].append(time.perf_counter() - started - (self._rollout_seconds - rollouts_before))
+        return loss
+
+    # --- the rollout engine: synced, asked, and stopped with a checkpoint when its server fails -------------------
+    def _agreed_failure(self, error: ServerError | None) -> str | None:
+        """Every rank learns whether a vLLM request failed on any rank (one all-reduce; also a barrier, so no rank
+        asks for an adapter before local rank 0 loaded it)."""
+        if self.args.world_size == 1 or not torch.distributed.is_initialized():
+            return None if error is None else str(error)
+        flag = torch.tensor([int(error is not None)], device=self.args.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        if not flag.item():
+            return None
+        return str(error) if error is not None else "a vLLM request failed on another rank"
+
+    def _engine_call(self, call, *args):
+        """`call(*args)` on the rollout engine; a vLLM server that fails or goes silent stops the run like a signal:
+        a checkpoint of the last finished step, then TrainingInterrupted (one line, exit code 75) to resume from."""
+        if not isinstance(self.rollout_engine, VLLMRollout):
+            return call(*args)
+        result = error = None
+        try:
+            result = call(*args)
+        except ServerError as caught:
+            error = caught
+        failure = self._agreed_failure(error)
+        if failure is not None:
+            self._stop_on_server_failure(failure)
+        return result
+
+    def _stop_on_server_failure(self, failure: str) -> None:
+        step = self.state.global_step
+        folder = Path(self.args.output_dir) / f"checkpoint-{step}"
+        if step == 0:
+            saved = "no step had finished, nothing saved"
+        else:
+            if not (folder / COMPLETE_MARKER).is_file():  # this step's checkpoint may be saved already
+                self._save_checkpoint(self.model, trial=None)
+            saved = f"saved {folder}"
+        self.signal_guard.on_train_end(self.args, self.state, self.control)  # our signal handlers off again
+        server = getattr(self.rollout_engine, "server", None)
+        log = f" (its log: {server.log})" if server is not None else ""
+        raise TrainingInterrupted(
+            f"{failure} at step {step}; {saved}. Restart the server{log} and run the same command with "
+            "--resume_from_checkpoint true to continue"
+        )
 
     @torch.no_grad()
     def generate(self, rows: list[dict]) -> tuple[torch.Tensor, ...]:
         """(prompt ids left-padded [N, P], prompt mask, completion ids [N, C], completion mask [N, C], ended [N]) for
-        N = rows x num_generations; the mask ends with the first stop token (kept: the policy learns to stop)."""
-        model = unwrap(self.model)
+        N = rows x num_generations, from the rollout engine; each completion ends with its first stop token or the
+        token that completed a stop string (kept: the policy learns to stop), or runs to max_new_tokens."""
         device = self.args.device
         tokenizer = self.processing_class
-        prompts = [row["prompt_ids"] for row in rows for _ in range(self.num_generations)]
-        width = max(len(p) for p in prompts)
+        prompts = [row["prompt_ids"] for row in rows]
+        seeds = [
+            rollout_seed(self.args.seed, self.state.global_step, len(self._rollouts), self.args.process_index, i)
+            for i in range(len(prompts))
+        ]
+        self.rollout_engine.timings.clear()
+        # the engine samples from the policy as it is now (vLLM: its adapter loaded, once per optimizer step)
+        self._engine_call(self.rollout_engine.sync, unwrap(self.model), self.state.global_step)
+        started = time.perf_counter()
+        generated = self._engine_call(
+            self.rollout_engine.generate, unwrap(self.model), prompts, self.num_generations, seeds
+        )
+        self._logged["time/generate_s"].append(time.perf_counter() - started)
+        if "adapter_sync" in self.rollout_engine.timings:
+            self._logged["time/adapter_sync_s"].append(self.rollout_engine.timings["adapter_sync"])
+        stop_ids = set(self.template.stop_token_ids)
+        ends = [completion_end(tokens, stop_ids, self.template, tokenizer) for tokens in generated]
+        completions = [tokens[:length] for tokens, (length, _) in zip(generated, ends)]
+        ended = torch.tensor([done for _, done in ends], device=device)
+        lengths = torch.tensor([len(tokens) for tokens in completions], device=device)
         pad = tokenizer.pad_token_id
-        prompt_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
-        prompt_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-        kwargs = generate_kwargs(tokenizer, self.template, self.settings)
-        was_training = model.training
-        model.eval()
-        output = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, use_cache=True, **kwargs)
-        model.train(was_training)
-        completion_ids = output[:, width:]
-        stops = torch.isin(completion_ids, torch.tensor(self.template.stop_token_ids, device=device))
-        ended = stops.any(-1)
-        first_stop = torch.where(ended, stops.int().argmax(-1), completion_ids.shape[1] - 1)
-        positions = torch.arange(completion_ids.shape[1], device=device)
-        completion_mask = (positions[None] <= first_stop[:, None]).long()
+        width = max(1, int(lengths.max()))
+        completion_ids = torch.tensor([t + [pad] * (width - len(t)) for t in completions], device=device)
+        completion_mask = (torch.arange(width, device=device)[None] < lengths[:, None]).long()
         if self.mask_truncated_completions:
             completion_mask = completion_mask * ended[:, None].long()
+        rows_prompts = [prompt for prompt in prompts for _ in range(self.num_generations)]
+        prompt_width = max(len(p) for p in rows_prompts)
+        prompt_ids = torch.tensor([[pad] * (prompt_width - len(p)) + p for p in rows_prompts], device=device)
+        prompt_mask = torch.tensor([[0] * (prompt_width - len(p)) + [1] * len(p) for p in rows_prompts], device=device)
         return prompt_ids, prompt_mask, completion_ids.masked_fill(completion_mask == 0, pad), completion_mask, ended
 
     def rewards(self, rows: list[dict], completions: list[str]) -> dict[str, torch.Tensor]:
@@ -275,8 +348,10 @@ class RLTrainer(ReliableTrainerMixin, Trainer):
     def rollout(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         prompt_ids, prompt_mask, completion_ids, completion_mask, ended = self.generate(rows)
         tokenizer = self.processing_class
+        started = time.perf_counter()
         completions = [clean_answer(ids.tolist(), tokenizer, self.template) for ids in completion_ids]
         rewards = self.rewards(rows, completions)
+        self._logged["time/rewards_s"].append(time.perf_counter() - started)
         if self.truncated_completion_penalty:  # completions cut by max_new_tokens lose this much
             rewards["truncated"] = -(~ended).float()
             rewards["total"] = rewards["total"] + self.truncated_completion_penalty * rewards["truncated"]
@@ -290,6 +365,7 @@ class RLTrainer(ReliableTrainerMixin, Trainer):
         }
         model = self.model
         entropy = values = None
+        started = time.perf_counter()
         with torch.no_grad():
             if self.algorithm != "grpo" or self.num_iterations > 1:  # GRPO's one pass: the loss pass is the old policy
                 batch["old_logps"], entropy, values = completion_logps(
@@ -300,6 +376,7 @@ class RLTrainer(ReliableTrainerMixin, Trainer):
                     batch["ref_logps"] = completion_logps(
                         reference, batch, self.chunk, temperature=self.temperature
                     ).logps
+        self._logged["time/logprobs_s"].append(time.perf_counter() - started)
         if values is not None:
             batch["old_values"] = values
         batch.update(self.advantages(rewards["total"], batch))

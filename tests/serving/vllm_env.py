@@ -2,7 +2,8 @@
 
 vLLM cannot be imported here (it needs an older transformers), so the checks drive the environment `make vllm-env`
 built (VLLM_VENV, default .venv-vllm) through subprocesses: vllm_worker.py for offline generation, and vLLM's
-OpenAI-compatible server on 127.0.0.1, always stopped when the test ends.
+OpenAI-compatible server on 127.0.0.1 (started and stopped by component/inference/vllm_server.py, as train_rlhf.py
+starts it), always stopped when the test ends.
 """
 
 from __future__ import annotations
@@ -10,29 +11,24 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
-import socket
 import subprocess
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.utils import REPO, opt_in
+from component.inference.vllm_server import DEFAULT_VENV, ServerStartError, server_environment, start_server
+from tests.utils import opt_in
 
-VENV = Path(os.environ.get("VLLM_VENV") or REPO / ".venv-vllm")
+VENV = Path(os.environ.get("VLLM_VENV") or DEFAULT_VENV)
 PYTHON = VENV / "bin" / "python"
 WORKER = Path(__file__).with_name("vllm_worker.py")
 SERVER_START_SECONDS = 600
 
 
 def vllm_environment() -> dict[str, str]:
-    """The variables every vLLM process here gets: a small KV cache, no hub, nothing of our PYTHONPATH."""
-    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    env.update(VLLM_CPU_KVCACHE_SPACE="1", HF_HUB_OFFLINE="1", VLLM_NO_USAGE_STATS="1", TOKENIZERS_PARALLELISM="false")
-    return env
+    """The variables every vLLM process here gets: a 1 GiB KV cache, no hub, nothing of our PYTHONPATH."""
+    return server_environment(VLLM_CPU_KVCACHE_SPACE="1", HF_HUB_OFFLINE="1")
 
 
 def require_vllm() -> None:
@@ -59,58 +55,18 @@ def lora_slots(adapters: int) -> int:
     return adapters + 1
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @contextlib.contextmanager
 def openai_server(model: str | Path, *arguments: str, log: Path) -> Iterator[str]:
-    """vLLM's OpenAI-compatible server on 127.0.0.1 (a free port) for `model`; yields its base URL
-    (`http://127.0.0.1:PORT/v1`) once it answers, and stops it (its whole process group) afterwards."""
-    port = free_port()
-    command = [str(PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1", "--port", str(port)]
-    command += ["--model", str(model), *arguments]
-    with open(log, "w", encoding="utf-8") as output:
-        server = subprocess.Popen(
-            command, stdout=output, stderr=subprocess.STDOUT, env=vllm_environment(), start_new_session=True
+    """vLLM's OpenAI-compatible server on 127.0.0.1 (a free port) for `model` (component.inference.vllm_server);
+    yields its base URL (`http://127.0.0.1:PORT/v1`) once it answers, and stops it (its whole process group)
+    afterwards."""
+    try:
+        server = start_server(
+            model, list(arguments), log, python=PYTHON, env=vllm_environment(), timeout=SERVER_START_SECONDS
         )
+    except ServerStartError as error:
+        raise AssertionError(f"{error}:\n{log.read_text()[-5000:]}") from None
     try:
-        deadline = time.monotonic() + SERVER_START_SECONDS
-        while True:
-            if server.poll() is not None:
-                raise AssertionError(f"vLLM's server exited with {server.returncode}:\n{log.read_text()[-5000:]}")
-            if healthy(f"http://127.0.0.1:{port}/health"):
-                break
-            if time.monotonic() > deadline:
-                raise AssertionError(
-                    f"vLLM's server did not answer in {SERVER_START_SECONDS} s:\n{log.read_text()[-5000:]}"
-                )
-            time.sleep(2)
-        yield f"http://127.0.0.1:{port}/v1"
+        yield f"{server.url}/v1"
     finally:
-        stop_process_group(server)
-
-
-def healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return response.status == 200
-    except OSError:
-        return False
-
-
-def stop_process_group(process: subprocess.Popen, grace: float = 30) -> None:
-    """SIGTERM to the process and its children (vLLM's engine core), SIGKILL after `grace` seconds."""
-    if process.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-    with contextlib.suppress(ProcessLookupError):  # children that outlived the leader
-        os.killpg(process.pid, signal.SIGKILL)
+        server.stop()
