@@ -21,6 +21,7 @@ Differences from the hub code that do not change results:
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import fields as dataclass_fields
 from typing import Any
@@ -37,8 +38,13 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.utils import logging
 
-from ..packed_attention import SEGMENT_ATTENTION, packed_lengths
 from .configuration_baichuan import BaichuanConfig, alibi_slopes
+
+try:  # imported by name: transformers' remote-code loader would look for a `from ..x import` target beside an
+    # exported standalone copy of this file, where the project is absent and nothing selects packed attention
+    _packed_attention = importlib.import_module("component.model.packed_attention")
+except ImportError:
+    _packed_attention = None
 
 try:  # transformers >= 5: detects restarting position_ids (padding-free packing)
     from transformers.masking_utils import find_packed_sequence_indices as _hf_find_packed
@@ -427,7 +433,7 @@ class BaichuanModel(BaichuanPreTrainedModel):
         ALiBi one causal ALiBi bias as long as the longest segment, whose top-left block serves each); else None."""
         if attention_mask is not None or past_len or q_len == 1:
             return None
-        lengths = packed_lengths(position_ids.expand(batch_size, -1))
+        lengths = _packed_attention.packed_lengths(position_ids.expand(batch_size, -1))
         if lengths is None:
             return None
         longest = max(max(row) for row in lengths)
@@ -489,7 +495,11 @@ class BaichuanModel(BaichuanPreTrainedModel):
             position_ids = torch.arange(past_len, past_len + q_len, device=device).unsqueeze(0)
 
         segments = None
-        if self.config._attn_implementation == SEGMENT_ATTENTION and not output_attentions:
+        if (
+            _packed_attention is not None
+            and self.config._attn_implementation == _packed_attention.SEGMENT_ATTENTION
+            and not output_attentions
+        ):
             segments = self._segments(attention_mask, position_ids, batch_size, q_len, past_len, inputs_embeds.dtype)
         attention_bias = None
         if segments is None:
