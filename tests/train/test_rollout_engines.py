@@ -13,7 +13,9 @@ contain the template's stop string, some are EOS alone), so everything after sam
   folder elsewhere is accepted;
 - `vllm_launch` starts the server from the environment (a fake one here), waits for it, and it is gone after the
   run; a server that fails to start is one line naming its log;
-- the vLLM keys are checked before anything loads.
+- the vLLM keys are checked before anything loads;
+- under torchrun (2 processes) each rank asks for its own prompts from the one server, and the adapter is loaded
+  once per step, before any rank asks.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from component.inference.vllm_server import ServerStartError, healthy
 from component.train.guards import TrainingInterrupted
 from tests.train.fake_vllm import STOP_STRING, FakeVLLM, injected_completion
 from tests.train.test_rlhf import rl_args
+from tests.utils import REPO, run_torchrun
 
 pytestmark = pytest.mark.slow
 
@@ -166,6 +169,22 @@ def test_a_server_that_dies_stops_the_run_with_a_checkpoint_and_resume_finishes_
     straight, resumed = adapter(tmp_path / "straight/out"), adapter(tmp_path / "broken/out")
     for key in straight:
         torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=1e-6)
+
+
+def test_torchrun_ranks_share_one_server_and_one_adapter_per_step(tiny_llama_dir, tmp_path, fake_server):
+    args = engine_args(tmp_path, tiny_llama_dir, "vllm", fake_server.url, max_steps=2)
+    run_torchrun(REPO / "train_rlhf.py", "--train_args_file", args, timeout=600)
+    assert (tmp_path / "out/adapter_model.safetensors").is_file()
+
+    names = [body["lora_name"] for path, body in fake_server.requests if path == "/v1/load_lora_adapter"]
+    assert len(names) == len(set(names)) == 2  # once per step, not once per rank
+    order = [(path, body) for path, body in fake_server.requests if path != "/tokenize"]
+    for step, name in enumerate(names):
+        loaded_at = next(i for i, (path, body) in enumerate(order) if body.get("lora_name") == name)
+        asked = [(i, tuple(body["prompt"])) for i, (path, body) in enumerate(order) if body.get("model") == name]
+        assert len(asked) == 2 * 4, step  # 2 ranks x 4 prompts, each rank its own
+        assert len({prompt for _, prompt in asked}) == len(asked), step  # no prompt asked by both ranks
+        assert min(i for i, _ in asked) > loaded_at, step  # no rank asked before its step's adapter was there
 
 
 def test_a_server_that_hangs_stops_the_run(tiny_llama_dir, tmp_path, fake_server):
