@@ -45,6 +45,24 @@ def packed_lengths(position_ids: torch.Tensor) -> list[list[int]] | None:
     return [[end - start for start, end in zip(row, [*row[1:], width])] for row in starts]
 
 
+_last_row: tuple[torch.Tensor, int, int, list[list[int]] | None] | None = None
+
+
+def _row_lengths(position_ids: torch.Tensor, batch_size: int) -> list[list[int]] | None:
+    """packed_lengths of a forward's rows, read once per forward: every layer gets the same position_ids tensor, and
+    each reading is a device-to-host copy (a GPU sync). Inference tensors (generation) are read every time: they
+    keep no version counter to tell an in-place change."""
+    global _last_row
+    if position_ids.is_inference():
+        return packed_lengths(position_ids.expand(batch_size, -1))
+    last = _last_row
+    if last is not None and last[0] is position_ids and last[1:3] == (position_ids._version, batch_size):
+        return last[3]
+    lengths = packed_lengths(position_ids.expand(batch_size, -1))
+    _last_row = (position_ids, position_ids._version, batch_size, lengths)
+    return lengths
+
+
 def attend_per_segment(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -85,7 +103,7 @@ def sdpa_segments_forward(
 
     lengths = segment_lengths
     if lengths is None and attention_mask is None and position_ids is not None and query.shape[2] == key.shape[2] > 1:
-        lengths = packed_lengths(position_ids.expand(query.shape[0], -1))
+        lengths = _row_lengths(position_ids, query.shape[0])
     if lengths is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
 

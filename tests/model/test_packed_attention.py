@@ -150,6 +150,26 @@ def test_packed_lengths_reads_the_restarts():
     assert packed_lengths(torch.tensor([[0, 0, 0]])) == [[1, 1, 1]]
 
 
+def test_a_forward_reads_the_restarts_once_for_all_layers(tiny_llama_dir, monkeypatch):
+    """Every layer gets the same position_ids: one reading (a GPU sync) per forward; a new batch or the same tensor
+    changed in place is read again."""
+    from component.model import packed_attention
+
+    model = load(tiny_llama_dir, "full")
+    use_segment_attention(model)
+    assert model.config.num_hidden_layers > 1
+    readings = []
+    monkeypatch.setattr(packed_attention, "packed_lengths", lambda p: readings.append(p) or packed_lengths(p))
+    batch = PackingCollator(pad_token_id=0)(make_examples(model.config.vocab_size, shapes=SHAPES))
+    first = logits_of(model, batch)
+    assert len(readings) == 1
+    logits_of(model, {**batch, "position_ids": batch["position_ids"].clone()})
+    assert len(readings) == 2
+    batch["position_ids"][0, 4:] = torch.arange(batch["position_ids"].shape[1] - 4)  # in place: other segments
+    changed = logits_of(model, batch)
+    assert len(readings) == 3 and not torch.allclose(changed, first)
+
+
 def test_which_models_can_switch(tiny_llama_dir):
     model = load(tiny_llama_dir, "full")
     assert segment_attention_unsupported(model) is None
