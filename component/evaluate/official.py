@@ -77,7 +77,7 @@ def letter_ids(benchmark: str, tokenizer) -> list[int]:
     return ids
 
 
-def _fitting_prompt(subject: Subject, question: Question, num_fewshot: int, tokenizer, max_length: int) -> list[int]:
+def fitting_prompt(subject: Subject, question: Question, num_fewshot: int, tokenizer, max_length: int) -> list[int]:
     """The prompt's ids with the examples that fit in max_length, dropped as the benchmark's code drops them."""
     head, end = instruction(subject), example(subject.benchmark, question, False)
     examples = list(subject.examples[:num_fewshot])
@@ -128,7 +128,7 @@ def score_subject(
     for i, question in enumerate(questions):
         ids = tokenizer(prefix_text + example(subject.benchmark, question, False))["input_ids"]
         if len(ids) > max_length:
-            full.append((i, _fitting_prompt(subject, question, num_fewshot, tokenizer, max_length)))
+            full.append((i, fitting_prompt(subject, question, num_fewshot, tokenizer, max_length)))
         elif prefix_cache and len(prefix) < len(ids) and ids[: len(prefix)] == prefix:
             cached.append((i, ids[len(prefix) :]))
         else:

@@ -136,13 +136,13 @@ def test_cmmlu_overall_is_the_mean_of_its_subjects(hand_dirs, eval_models, tmp_p
 def test_long_prompts_drop_examples_as_the_authors_do(hand_dirs, demo_tokenizer):
     """MMLU (and C-Eval) drop examples from the end until the prompt fits; CMMLU drops the longest examples."""
     from component.evaluate.benchmarks import read_benchmark
-    from component.evaluate.official import _fitting_prompt, example, instruction
+    from component.evaluate.official import example, fitting_prompt, instruction
 
     (mmlu,), _ = read_benchmark("mmlu", hand_dirs["mmlu"], [], 2)
     question = mmlu.questions[0]
     one_shot = instruction(mmlu) + example("mmlu", mmlu.examples[0], True) + example("mmlu", question, False)
     fits = len(demo_tokenizer(one_shot)["input_ids"])
-    assert _fitting_prompt(mmlu, question, 2, demo_tokenizer, fits) == demo_tokenizer(one_shot)["input_ids"]
+    assert fitting_prompt(mmlu, question, 2, demo_tokenizer, fits) == demo_tokenizer(one_shot)["input_ids"]
 
     (cmmlu, _), _ = read_benchmark("cmmlu", hand_dirs["cmmlu"], [], 2)
     head, end = instruction(cmmlu), example("cmmlu", cmmlu.questions[0], False)
@@ -150,7 +150,7 @@ def test_long_prompts_drop_examples_as_the_authors_do(hand_dirs, demo_tokenizer)
     budget = len(demo_tokenizer.encode(head) + demo_tokenizer.encode(end)) + sum(sizes)  # both examples: too long
     kept = [q for q, n in zip(cmmlu.examples, sizes) if n != max(sizes)] if len(set(sizes)) > 1 else []
     expected = demo_tokenizer(head + "".join(example("cmmlu", q, True) for q in kept) + end)["input_ids"]
-    assert _fitting_prompt(cmmlu, cmmlu.questions[0], 2, demo_tokenizer, budget) == expected[-budget:]
+    assert fitting_prompt(cmmlu, cmmlu.questions[0], 2, demo_tokenizer, budget) == expected[-budget:]
 
 
 def test_letter_tokens_follow_each_benchmarks_code(eval_models):
