@@ -26,6 +26,7 @@ from transformers import TrainerCallback
 
 from component.config.errors import EXIT_INTERRUPTED, EXIT_LOCKED, EXIT_NONFINITE, UserFacingError
 from component.train.checkpoints import AtomicCheckpointMixin, find_resumable
+from component.train.host import training_host
 
 logger = logging.getLogger(__name__)
 
@@ -172,7 +173,8 @@ class NonFiniteGuard(TrainerCallback):
 
 
 class ReliableTrainerMixin(AtomicCheckpointMixin):
-    """Trainer mixin for every recipe: atomic checkpoints, the signal guard and the non-finite guard.
+    """Trainer mixin for every recipe: atomic checkpoints, the signal guard and the non-finite guard; `train()`
+    first prepares the host process (train.host: malloc reuse, loaded objects out of the GC's scans).
 
     `class MyTrainer(ReliableTrainerMixin, Trainer)`; takes `on_nonfinite="stop"|"skip"` next to Trainer's
     arguments. `finish_training` (train.recipe) turns a signal-stopped run into TrainingInterrupted.
@@ -184,6 +186,10 @@ class ReliableTrainerMixin(AtomicCheckpointMixin):
         self.nonfinite_guard = NonFiniteGuard(on_nonfinite)
         self.add_callback(self.signal_guard)
         self.add_callback(self.nonfinite_guard)
+
+    def train(self, *args, **kwargs):
+        with training_host():  # the model and data are loaded by now
+            return super().train(*args, **kwargs)
 
 
 def check_finite_weights(model) -> None:
