@@ -313,6 +313,7 @@ def attention_study(workdir: Path, options: argparse.Namespace) -> str:
 
     from component.data.collators import PackingCollator, PaddingCollator
     from component.model.packed_attention import SEGMENT_ATTENTION, packed_lengths, register_segment_attention
+    from component.train.host import training_host
 
     if options.threads:
         torch.set_num_threads(options.threads)
@@ -354,13 +355,14 @@ def attention_study(workdir: Path, options: argparse.Namespace) -> str:
     }
     batches = {name: [collate(b) for b in bs] for name, (collate, bs, _) in layouts.items()}
     seconds = dict.fromkeys(layouts, 0.0)
-    for index in range(len(random_batches)):
-        for name, (_, _, attention) in layouts.items():
-            model.config._attn_implementation_internal = attention
-            start = time.perf_counter()
-            model(**batches[name][index]).loss.backward()
-            seconds[name] += time.perf_counter() - start
-            model.zero_grad(set_to_none=True)
+    with training_host():  # as in every recipe's train()
+        for index in range(len(random_batches)):
+            for name, (_, _, attention) in layouts.items():
+                model.config._attn_implementation_internal = attention
+                start = time.perf_counter()
+                model(**batches[name][index]).loss.backward()
+                seconds[name] += time.perf_counter() - start
+                model.zero_grad(set_to_none=True)
 
     def work(batch, attention: str) -> int:
         if attention == segments:

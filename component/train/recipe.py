@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import sys
@@ -73,9 +74,22 @@ class RecipeStart(NamedTuple):
     template: Template
 
 
+def release_process_group() -> None:
+    """torch.distributed's process group torn down while the interpreter is still whole: gloo's worker threads
+    left to interpreter finalization can abort a finished run's process (SIGABRT, "terminate called without an
+    active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def start_recipe(argv: list[str], ours: type[FinetuneArguments], prog: str, padding_side: str = "right") -> RecipeStart:
-    """Settings (validated), logging, the output_dir lock (before anything is written there), tokenizer, template."""
+    """Settings (validated), logging, the output_dir lock (before anything is written there), tokenizer, template;
+    the process group (torchrun's, set up with the settings) released when the process exits."""
     args, training_args = load_arguments(argv, ours, prog=prog)
+    atexit.unregister(release_process_group)  # once, however many recipes a process runs
+    atexit.register(release_process_group)
     setup_logging(training_args)
     lock = lock_output_dir(training_args)
     tokenizer = load_tokenizer(args.model_name_or_path, args.trust_remote_code, padding_side=padding_side)
