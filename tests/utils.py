@@ -66,13 +66,18 @@ def jsonl(records: list) -> str:
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
 
 
+def free_port() -> int:
+    """A free loopback port, so parallel runs never collide."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def run_torchrun(
     script: Path | str, *script_args: str, processes: int = 2, timeout: int = 300
 ) -> subprocess.CompletedProcess:
     """`torchrun --nproc_per_node N script ...` on the CPU (gloo), one thread each; fails the test on error."""
-    with socket.socket() as sock:  # a free port, so parallel runs never collide
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     env = {
         **os.environ,
         "PYTHONPATH": str(REPO),

@@ -12,7 +12,6 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,7 +22,7 @@ import pytest
 
 from component.config.inference import ChatOptions, parse_options
 from component.config.parser import ConfigError
-from tests.utils import REPO, opt_in
+from tests.utils import REPO, free_port, opt_in
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -44,12 +43,6 @@ pytestmark = [
         reason=opt_in("Debian's /usr/bin/chromium", "apt-get install chromium (make setup as root)"),
     ),
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Server:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.utils import REPO, run_torchrun
+from tests.utils import REPO, free_port, run_torchrun
 
 pytestmark = pytest.mark.slow
 
@@ -248,9 +247,7 @@ def test_full_qwen_zero3_config_runs_as_shipped_on_a_tiny_model(runs):
 
 def test_two_nodes_on_loopback_equal_one_node_with_two_processes(runs):
     """Two torchrun launchers, --nnodes 2 --node_rank 0/1 --nproc_per_node 1, rendezvous on 127.0.0.1."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     out = runs / "two_nodes"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     training = [str(a) for a in sft(runs, "two_nodes", "--finetuning_type", "full")]

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 import train_sft
-from tests.utils import REPO, StopAfterStepCallback, run_torchrun
+from tests.utils import REPO, StopAfterStepCallback, free_port, run_torchrun
 
 pytestmark = pytest.mark.slow
 
@@ -145,7 +145,7 @@ def test_torchrun_two_processes_on_cpu(tmp_path, train_args):
 
 # Registered before the recipe's own handler, so it runs after it (atexit is last in, first out).
 PROCESS_GROUP_AT_EXIT = """
-import atexit, json, sys
+import atexit, sys
 import torch.distributed as dist
 import train_sft
 atexit.register(lambda: print("process group at exit:", dist.is_initialized()))
@@ -155,16 +155,12 @@ train_sft.main(["--train_args_file", sys.argv[1]])
 
 
 def test_a_run_releases_its_process_group_before_the_interpreter_exits(tmp_path, train_args):
-    import socket
     import subprocess
     import sys
 
-    with socket.socket() as free:
-        free.bind(("127.0.0.1", 0))
-        port = free.getsockname()[1]
     args = write_args(tmp_path, "pg", output_dir=str(tmp_path / "pg"), dry_run=True, **train_args)
     done = subprocess.run(
-        [sys.executable, "-c", PROCESS_GROUP_AT_EXIT, args, str(port)], cwd=REPO, capture_output=True, text=True
+        [sys.executable, "-c", PROCESS_GROUP_AT_EXIT, args, str(free_port())], cwd=REPO, capture_output=True, text=True
     )
     assert done.returncode == 0, done.stderr[-2000:]
     # gloo's threads left to interpreter finalization can abort a finished run (SIGABRT)
