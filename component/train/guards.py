@@ -174,7 +174,7 @@ class NonFiniteGuard(TrainerCallback):
 
 class ReliableTrainerMixin(AtomicCheckpointMixin):
     """Trainer mixin for every recipe: atomic checkpoints, the signal guard and the non-finite guard; `train()`
-    first prepares the host process (train.host: malloc reuse, loaded objects out of the GC's scans).
+    runs under train.host's `training_host()` (glibc reuses freed blocks).
 
     `class MyTrainer(ReliableTrainerMixin, Trainer)`; takes `on_nonfinite="stop"|"skip"` next to Trainer's
     arguments. `finish_training` (train.recipe) turns a signal-stopped run into TrainingInterrupted.

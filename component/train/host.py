@@ -1,19 +1,15 @@
 """The training process's own housekeeping on the host: what it costs every step and is no training work.
 
-- glibc's malloc hands each freed activation of a few MiB back to the kernel (mmap'd chunks, heap trimming), so
-  the next step's tensor of the same size faults its pages in again, zeroed by the kernel: on a CPU run that was
-  ~40% of the time of the element-wise ops. `keep_freed_memory` makes glibc reuse them instead (its documented
-  `mallopt` settings; the peak is unchanged: the same tensors live at once).
-- Python's cyclic garbage collector rescans every object loaded so far (model modules, datasets, tokenizer) each
-  time it runs a full collection, e.g. the Trainer's `gc.collect()` at the start of `train()`. `training_host`
-  moves them out of its reach while training runs: they outlive it anyway.
+glibc's malloc hands each freed activation of a few MiB back to the kernel (mmap'd chunks, heap trimming), so the
+next step's tensor of the same size faults its pages in again, zeroed by the kernel: on a CPU run that was ~40% of
+the time of the element-wise ops. `keep_freed_memory` makes glibc reuse them instead (its documented `mallopt`
+settings; the peak is unchanged: the same tensors live at once).
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import gc
 import logging
 import sys
 from collections.abc import Iterator
@@ -44,16 +40,7 @@ def keep_freed_memory() -> bool:
 
 @contextmanager
 def training_host() -> Iterator[None]:
-    """Around a `Trainer.train()`: glibc keeps freed blocks for reuse (from then on, for the process), and the
-    objects loaded before it are frozen out of the cyclic GC's scans until training ends (`gc.freeze`, undone by
-    `gc.unfreeze`; left alone where something else froze objects before)."""
+    """Around a `Trainer.train()`: glibc keeps freed blocks for reuse (from then on, for the process)."""
     if keep_freed_memory():
         logger.debug("glibc malloc keeps freed blocks below %d MiB for reuse", MMAP_THRESHOLD_MAX // 2**20)
-    freeze = gc.get_freeze_count() == 0
-    if freeze:
-        gc.freeze()
-    try:
-        yield
-    finally:
-        if freeze:
-            gc.unfreeze()
+    yield

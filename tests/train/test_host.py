@@ -1,15 +1,11 @@
-"""The training process's housekeeping (component/train/host.py): freed blocks reused, the GC kept off loaded objects
-only while training runs."""
+"""The training process's housekeeping (component/train/host.py): freed blocks reused."""
 
 from __future__ import annotations
 
-import gc
 import subprocess
 import sys
 
 import pytest
-import torch
-from transformers import TrainerCallback
 
 from tests.utils import REPO
 
@@ -46,22 +42,18 @@ def test_freed_activations_are_reused_instead_of_faulted_in_again():
     assert kept < PAGES_OF_STEPS / 50  # kept: the freed blocks are reused
 
 
-class FreezeCount(TrainerCallback):
-    def __init__(self) -> None:
-        self.during: list[int] = []
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.during.append(gc.get_freeze_count())
-
-
-def tiny_trainer(model_dir, tmp_path, callback):
+def test_every_recipes_trainer_trains_with_freed_blocks_kept(tiny_llama_dir, tmp_path, monkeypatch):
+    import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, TrainingArguments
 
     from component.data.collators import PaddingCollator
+    from component.train import host
     from component.train.sft import SFTTrainer
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    calls = []
+    monkeypatch.setattr(host, "keep_freed_memory", lambda: calls.append("kept") or True)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
     ids = list(range(4, 20))
     data = Dataset.from_list([{"input_ids": ids, "labels": ids, "length": len(ids)}] * 2)
     args = TrainingArguments(
@@ -72,26 +64,5 @@ def tiny_trainer(model_dir, tmp_path, callback):
         use_cpu=True,
         remove_unused_columns=False,
     )
-    collator = PaddingCollator(0)
-    return SFTTrainer(model=model, args=args, train_dataset=data, data_collator=collator, callbacks=[callback])
-
-
-def test_loaded_objects_are_frozen_only_while_training(tiny_llama_dir, tmp_path):
-    assert gc.get_freeze_count() == 0
-    callback = FreezeCount()
-    tiny_trainer(tiny_llama_dir, tmp_path, callback).train()
-    assert len(callback.during) == 1 and callback.during[0] > 0  # model, data, test session: out of the GC's scans
-    assert gc.get_freeze_count() == 0  # unfrozen after: a later collection frees what training left
-
-
-def test_objects_frozen_by_someone_else_stay_frozen(tiny_llama_dir, tmp_path):
-    gc.freeze()
-    try:
-        frozen = gc.get_freeze_count()
-        callback = FreezeCount()
-        tiny_trainer(tiny_llama_dir, tmp_path, callback).train()
-        # Nothing added (the model and trainer made since are not frozen; frozen objects may die), not unfrozen after
-        assert len(callback.during) == 1 and 0 < callback.during[0] <= frozen
-        assert 0 < gc.get_freeze_count() <= frozen
-    finally:
-        gc.unfreeze()
+    SFTTrainer(model=model, args=args, train_dataset=data, data_collator=PaddingCollator(0)).train()
+    assert calls == ["kept"]  # through ReliableTrainerMixin.train, which the DPO, RM and RL trainers share
