@@ -355,14 +355,14 @@ def attention_study(workdir: Path, options: argparse.Namespace) -> str:
     }
     batches = {name: [collate(b) for b in bs] for name, (collate, bs, _) in layouts.items()}
     seconds = dict.fromkeys(layouts, 0.0)
-    with training_host():  # as in every recipe's train()
-        for index in range(len(random_batches)):
-            for name, (_, _, attention) in layouts.items():
-                model.config._attn_implementation_internal = attention
-                start = time.perf_counter()
-                model(**batches[name][index]).loss.backward()
-                seconds[name] += time.perf_counter() - start
-                model.zero_grad(set_to_none=True)
+    training_host()  # as in every recipe's train()
+    for index in range(len(random_batches)):
+        for name, (_, _, attention) in layouts.items():
+            model.config._attn_implementation_internal = attention
+            start = time.perf_counter()
+            model(**batches[name][index]).loss.backward()
+            seconds[name] += time.perf_counter() - start
+            model.zero_grad(set_to_none=True)
 
     def work(batch, attention: str) -> int:
         if attention == segments:

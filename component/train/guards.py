@@ -174,7 +174,7 @@ class NonFiniteGuard(TrainerCallback):
 
 class ReliableTrainerMixin(AtomicCheckpointMixin):
     """Trainer mixin for every recipe: atomic checkpoints, the signal guard and the non-finite guard; `train()`
-    runs under train.host's `training_host()` (glibc reuses freed blocks).
+    first calls train.host's `training_host()` (glibc reuses freed blocks).
 
     `class MyTrainer(ReliableTrainerMixin, Trainer)`; takes `on_nonfinite="stop"|"skip"` next to Trainer's
     arguments. `finish_training` (train.recipe) turns a signal-stopped run into TrainingInterrupted.
@@ -188,8 +188,8 @@ class ReliableTrainerMixin(AtomicCheckpointMixin):
         self.add_callback(self.nonfinite_guard)
 
     def train(self, *args, **kwargs):
-        with training_host():  # the model and data are loaded by now
-            return super().train(*args, **kwargs)
+        training_host()
+        return super().train(*args, **kwargs)
 
 
 def check_finite_weights(model) -> None:

@@ -12,8 +12,6 @@ import ctypes
 import ctypes.util
 import logging
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 logger = logging.getLogger(__name__)
 
@@ -38,9 +36,7 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX) and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
 
 
-@contextmanager
-def training_host() -> Iterator[None]:
-    """Around a `Trainer.train()`: glibc keeps freed blocks for reuse (from then on, for the process)."""
+def training_host() -> None:
+    """Before a `Trainer.train()`: glibc keeps freed blocks for reuse (from then on, for the process)."""
     if keep_freed_memory():
         logger.debug("glibc malloc keeps freed blocks below %d MiB for reuse", MMAP_THRESHOLD_MAX // 2**20)
-    yield
