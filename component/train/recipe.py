@@ -226,3 +226,6 @@ def _finish(trainer, train_result, plot_keys: tuple[str, ...]) -> None:
         trainer.save_metrics("eval", eval_metrics)
     if trainer.is_world_process_zero():
         plot_loss(trainer.state.log_history, trainer.args.output_dir, plot_keys)
+    # Ranks leave together, every collective done: a rank that exits while another still writes can abort in
+    # interpreter finalization (gloo's threads, SIGABRT "terminate called without an active exception").
+    trainer.accelerator.wait_for_everyone()

@@ -143,6 +143,38 @@ def test_torchrun_two_processes_on_cpu(tmp_path, train_args):
     assert state["epoch"] == pytest.approx(4 / 12)
 
 
+# Rank 0 writes its last file slowly; each rank then notes when its recipe returned.
+RANKS_LEAVE_TOGETHER = """
+import os, sys, time
+from pathlib import Path
+import component.train.recipe as recipe
+import train_sft
+plot = recipe.plot_loss
+def slow_plot(*args):
+    time.sleep(3)
+    path = plot(*args)
+    Path(sys.argv[2], "rank0_wrote").write_text(str(time.time()))
+    return path
+recipe.plot_loss = slow_plot
+train_sft.main(["--train_args_file", sys.argv[1]])
+Path(sys.argv[2], "rank" + os.environ["RANK"] + "_left").write_text(str(time.time()))
+"""
+
+
+def test_under_torchrun_no_rank_leaves_before_rank_0_has_written_everything(tmp_path, train_args):
+    out = tmp_path / "together"
+    args_file = write_args(
+        tmp_path, "together", **{**train_args, "save_strategy": "no"}, output_dir=str(out), max_steps=1
+    )
+    script = tmp_path / "ranks_leave_together.py"
+    script.write_text(RANKS_LEAVE_TOGETHER, encoding="utf-8")
+    run_torchrun(script, args_file, tmp_path)
+    wrote = float((tmp_path / "rank0_wrote").read_text())
+    # a rank exiting while another still writes can abort in interpreter finalization (gloo's threads, SIGABRT)
+    assert float((tmp_path / "rank1_left").read_text()) >= wrote
+    assert float((tmp_path / "rank0_left").read_text()) >= wrote
+
+
 # Registered before the recipe's own handler, so it runs after it (atexit is last in, first out).
 PROCESS_GROUP_AT_EXIT = """
 import atexit, sys
